@@ -1,0 +1,118 @@
+"""Embedded mode: the verify service and the draft service as child processes on loopback ephemeral
+ports, the same gRPC path as a deployment. Started, waited for (health SERVING), and always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class ServiceStartError(RuntimeError):
+    """A child service exited or did not become healthy; carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    target_model: str
+    draft_model: str
+    verify_threads: int = 1
+    draft_threads: int = 1
+    verify_device: str = "auto"
+    verify_dtype: str = "auto"
+    draft_dtype: str = "auto"
+    start_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServiceAddresses:
+    draft: str
+    verify: str
+
+
+@contextlib.contextmanager
+def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
+    with tempfile.TemporaryDirectory(prefix="duo-embedded-") as workdir, contextlib.ExitStack() as stack:
+        work = Path(workdir)
+        deadline = time.monotonic() + config.start_timeout_s
+        verify = stack.enter_context(_child("verify", [
+            "verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
+            "--device", config.verify_device, "--dtype", config.verify_dtype,
+        ], work))
+        verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
+        draft = stack.enter_context(_child("draft", [
+            "draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
+            "--dtype", config.draft_dtype, "--verify-addr", verify_addr,
+        ], work))
+        draft_addr = f"127.0.0.1:{draft.wait_port(deadline)}"
+        verify.wait_healthy(verify_addr, deadline)
+        draft.wait_healthy(draft_addr, deadline)
+        yield ServiceAddresses(draft=draft_addr, verify=verify_addr)
+
+
+class _Child:
+    def __init__(self, name: str, process: subprocess.Popen, port_file: Path, log_file: Path):
+        self.name, self.process, self.port_file, self.log_file = name, process, port_file, log_file
+
+    def wait_port(self, deadline: float) -> int:
+        while not self.port_file.exists():
+            self._check_alive(deadline)
+            time.sleep(0.05)
+        return int(self.port_file.read_text())
+
+    def wait_healthy(self, address: str, deadline: float) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(deadline)
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+
+    def _check_alive(self, deadline: float) -> None:
+        if self.process.poll() is not None:
+            raise ServiceStartError(f"the {self.name} service exited with code {self.process.returncode}:\n{self.log_tail()}")
+        if time.monotonic() > deadline:
+            raise ServiceStartError(f"the {self.name} service did not become ready in time:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def _child(name: str, module_args: list[str], work: Path) -> Iterator[_Child]:
+    port_file = work / f"{name}.port"
+    log_file = work / f"{name}.log"
+    args = [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+            "--grace-s", "2"]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    child = _Child(name, process, port_file, log_file)
+    try:
+        yield child
+    finally:
+        child.stop()

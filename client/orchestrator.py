@@ -1,0 +1,158 @@
+"""The client orchestrator: opens a Session on a draft service, steers its draft budget from the
+per-round timings, and collects the committed tokens into a result.
+
+The budget policy is a small object: ``initial()`` before the session, ``after_round(timings)`` after
+each round, returning a new budget or None to keep the current one.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import grpc
+
+from duo_common import codec
+from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo_common.params import DecodingParams, StoppingParams
+from duo_common.stopping import FinishReason
+from protos import duo_pb2 as pb
+from protos import duo_pb2_grpc
+
+_CLOSE = object()
+
+
+class BudgetPolicy(Protocol):
+    def initial(self) -> int: ...
+    def after_round(self, timings: RoundTimings) -> int | None: ...
+
+
+@dataclass
+class FixedBudget:
+    """Always the same number of draft tokens per round (0: no speculation)."""
+
+    tokens: int
+
+    def initial(self) -> int:
+        return self.tokens
+
+    def after_round(self, timings: RoundTimings) -> int | None:
+        return None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_text: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    apply_chat_template: bool | None = None  # None: the tokenizer's default
+    decoding: DecodingParams = DecodingParams()
+    stopping: StoppingParams = StoppingParams()
+
+    def __post_init__(self) -> None:
+        if (self.prompt_text is None) == (self.prompt_ids is None):
+            raise ValueError("give exactly one of prompt_text and prompt_ids")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    server_stats: SessionStats
+    ttft_s: float  # client-measured: request sent → first token received
+    total_s: float  # client-measured: request sent → finished
+    budgets: list[int] = field(default_factory=list)  # budget in force at each round
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.total_s if self.total_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """The stats block of ``duo-client generate --json``."""
+        stats = self.server_stats
+        rounds = stats.rounds
+        return {
+            "ttft_s": round(self.ttft_s, 4),
+            "total_s": round(self.total_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "new_tokens": len(self.token_ids),
+            "prompt_tokens": stats.prompt_tokens,
+            "rounds": rounds,
+            # tokens committed per verification round (the first token comes from the prefill)
+            "mean_accepted_tokens": round((len(self.token_ids) - 1) / rounds, 4) if rounds else 0.0,
+            "acceptance_rate": round(stats.accepted_tokens / stats.drafted_tokens, 4) if stats.drafted_tokens else 0.0,
+            "drafted_tokens": stats.drafted_tokens,
+            "accepted_tokens": stats.accepted_tokens,
+            "draft_budget": self.budgets[-1] if self.budgets else stats.final_draft_budget,
+            "draft_compute_s": round(stats.draft_compute_s, 4),
+            "verify_compute_s": round(stats.verify_compute_s, 4),
+            "verify_round_trip_s": round(stats.verify_round_trip_s, 4),
+        }
+
+
+class Orchestrator:
+    def __init__(self, channel: grpc.Channel, timeout_s: float | None = None, metadata: tuple = ()):
+        self._stub = duo_pb2_grpc.DrafterStub(channel)
+        self._timeout_s = timeout_s
+        self._metadata = metadata
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        policy: BudgetPolicy,
+        on_text: Callable[[str], None] = lambda text: None,
+    ) -> GenerationResult:
+        """Run one generation to its end, calling ``on_text`` with each newly final piece of text."""
+        outbox: queue.Queue = queue.Queue()
+        budget = policy.initial()
+        outbox.put(pb.SessionRequest(start=_request_to_pb(request, budget)))
+        started = time.perf_counter()
+        call = self._stub.Session(iter(outbox.get, _CLOSE), timeout=self._timeout_s, metadata=self._metadata)
+        token_ids: list[int] = []
+        budgets: list[int] = []
+        ttft_s = 0.0
+        try:
+            for event in _events(call):
+                if isinstance(event, FinishedEvent):
+                    return GenerationResult(event.text, token_ids, event.reason, event.stats, ttft_s,
+                                            time.perf_counter() - started, budgets)
+                if event.token_ids and not token_ids:
+                    ttft_s = time.perf_counter() - started
+                token_ids.extend(event.token_ids)
+                if event.text_delta:
+                    on_text(event.text_delta)
+                if event.timings is not None:
+                    budgets.append(budget)
+                    new_budget = policy.after_round(event.timings)
+                    if new_budget is not None and new_budget != budget:
+                        budget = new_budget
+                        outbox.put(pb.SessionRequest(budget=pb.BudgetUpdate(
+                            budget=pb.DraftBudget(max_draft_tokens=budget))))
+        finally:
+            outbox.put(_CLOSE)
+            call.cancel()
+        raise RuntimeError("the draft service ended the session without a Finished event")
+
+
+def _events(call) -> Iterator[CommittedEvent | FinishedEvent]:
+    for message in call:
+        event = codec.event_from_pb(message)
+        if event is not None:
+            yield event
+
+
+def _request_to_pb(request: GenerationRequest, budget: int) -> pb.GenerateRequest:
+    message = pb.GenerateRequest(
+        decoding=codec.decoding_to_pb(request.decoding),
+        stopping=codec.stopping_to_pb(request.stopping),
+        budget=pb.DraftBudget(max_draft_tokens=budget),
+    )
+    if request.prompt_text is not None:
+        message.text = request.prompt_text
+    else:
+        message.token_ids.ids.extend(request.prompt_ids)
+    if request.apply_chat_template is not None:
+        message.apply_chat_template = request.apply_chat_template
+    return message

@@ -1,0 +1,179 @@
+"""The Drafter gRPC servicer: Session (client-steered), Generate (public) and GetModelInfo.
+
+Thin: it decodes the request, checks the draft/target pair, builds a SpeculativeSession and turns its
+events into protobuf. The loop itself lives in ``speculation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from draft_service.drafter import ChainDrafter
+from draft_service.prompts import PromptEncoder
+from draft_service.speculation import SessionPlan, SpeculativeSession
+from draft_service.verifier_link import GrpcVerifierLink
+from duo_common import codec
+from duo_common.compat import check_compatible
+from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo_common.models import LoadedModel, ModelInfo
+from duo_common.rpc import translate_errors
+from duo_common.sessions import SessionRegistry
+from duo_common.stopping import StopChecker
+from protos import duo_pb2 as pb
+from protos import duo_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    default_budget: int = 4
+    verify_timeout_s: float = 120.0
+    max_new_tokens_limit: int = 4096
+
+
+class BudgetHolder:
+    """The current draft budget of one session; the client may change it between rounds."""
+
+    def __init__(self, initial: int, limit: int):
+        self._limit = limit
+        self._value = self._checked(initial)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            return self._value
+
+    def update(self, value: int) -> None:
+        checked = self._checked(value)
+        with self._lock:
+            self._value = checked
+
+    def _checked(self, value: int) -> int:
+        if not 0 <= value <= self._limit:
+            raise InvalidArgument(f"draft budget {value} is outside [0, {self._limit}] (the verifier's tree limit)")
+        return value
+
+
+class DrafterServicer(duo_pb2_grpc.DrafterServicer):
+    def __init__(self, config: DrafterConfig, verify_channel: grpc.Channel, sessions: SessionRegistry):
+        self._config = config
+        self._verify_channel = verify_channel
+        self._verifier_stub = duo_pb2_grpc.VerifierStub(verify_channel)
+        self._sessions = sessions
+        self._loaded: LoadedModel | None = None
+        self._encoder: PromptEncoder | None = None
+
+    def attach(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+        self._encoder = PromptEncoder(loaded.tokenizer)
+
+    def target_info(self, timeout_s: float = 10.0) -> ModelInfo:
+        """The verifier's model, checked against ours: FAILED_PRECONDITION for an incompatible pair."""
+        try:
+            target = codec.model_info_from_pb(self._verifier_stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s))
+        except grpc.RpcError as exc:
+            raise Unavailable(f"cannot reach the verify service: {exc.code().name}: {exc.details()}") from exc
+        check_compatible(self._model().info, target)
+        return target
+
+    @translate_errors
+    def GetModelInfo(self, request, context):
+        return codec.model_info_to_pb(self._model().info)
+
+    @translate_errors
+    def Generate(self, request, context):
+        yield from self._generate(request, None, context)
+
+    @translate_errors
+    def Session(self, request_iterator, context):
+        opening = next(request_iterator, None)
+        if opening is None or opening.WhichOneof("message") != "start":
+            raise FailedPrecondition("a Session stream must start with a GenerateRequest")
+        yield from self._generate(opening.start, request_iterator, context)
+
+    def _generate(self, request: pb.GenerateRequest, budget_updates, context):
+        """Run one generation; ``budget_updates`` is the rest of a Session stream (None for Generate)."""
+        loaded = self._model()
+        target = self.target_info()
+        budget = self._initial_budget(request, target)
+        if budget_updates is not None:
+            threading.Thread(target=_follow_budget_updates, args=(budget_updates, budget), daemon=True).start()
+        prompt = self._prompt(request, target)
+        params = codec.decoding_from_pb(request.decoding)
+        stopping = codec.stopping_from_pb(request.stopping)
+        if stopping.max_new_tokens > self._config.max_new_tokens_limit:
+            raise InvalidArgument(
+                f"max_new_tokens {stopping.max_new_tokens} exceeds this service's limit {self._config.max_new_tokens_limit}"
+            )
+        request_id = request.request_id or uuid.uuid4().hex
+        plan = SessionPlan(request_id, prompt, params, target.max_context_tokens)
+        stop = StopChecker(stopping, frozenset(target.eos_token_ids), self._encoder.decode)
+        stop_ids = frozenset() if stopping.ignore_eos else frozenset(target.eos_token_ids)
+        max_tokens = min(target.max_context_tokens, loaded.info.max_context_tokens)
+
+        def make_drafter() -> ChainDrafter:
+            return ChainDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens)
+
+        link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s)
+        session = SpeculativeSession(plan, link, make_drafter, stop, budget)
+        with self._sessions.hold(request_id):
+            log.info("session %s: %d prompt tokens, budget %d", request_id, len(prompt), budget())
+            yield pb.GenerateEvent(started=pb.Started(
+                request_id=request_id, prompt_tokens=len(prompt), budget=pb.DraftBudget(max_draft_tokens=budget())))
+            with contextlib.closing(session.run()) as events:  # closing frees the verifier's session
+                for event in events:
+                    if not context.is_active():
+                        log.info("session %s: client went away", request_id)
+                        return
+                    yield codec.event_to_pb(event)
+            stats = session.stats
+            log.info("session %s: %d tokens, %d rounds, %.1f tokens/s", request_id, stats.new_tokens, stats.rounds,
+                     stats.new_tokens / stats.total_s if stats.total_s else 0.0)
+
+    def _prompt(self, request: pb.GenerateRequest, target: ModelInfo) -> tuple[int, ...]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            chat = request.apply_chat_template if request.HasField("apply_chat_template") else None
+            prompt = self._encoder.encode_text(request.text, chat)
+        elif kind == "token_ids":
+            if not request.token_ids.ids:
+                raise InvalidArgument("the prompt is empty: give some text or token ids")
+            prompt = codec.token_ids_from_pb(request.token_ids.ids, target.vocab_size, "prompt")
+        else:
+            raise InvalidArgument("the prompt is missing: set text or token_ids")
+        if len(prompt) >= target.max_context_tokens:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt)} tokens; the target's context holds {target.max_context_tokens} "
+                "including at least one new token"
+            )
+        return prompt
+
+    def _initial_budget(self, request: pb.GenerateRequest, target: ModelInfo) -> BudgetHolder:
+        if request.HasField("budget"):
+            return BudgetHolder(request.budget.max_draft_tokens, target.max_tree_nodes)
+        return BudgetHolder(min(self._config.default_budget, target.max_tree_nodes), target.max_tree_nodes)
+
+    def _model(self) -> LoadedModel:
+        if self._loaded is None:
+            raise Unavailable("the draft model is still loading; retry shortly")
+        return self._loaded
+
+
+def _follow_budget_updates(request_iterator, budget: BudgetHolder) -> None:
+    """Apply the client's BudgetUpdate messages until it half-closes or the call ends."""
+    try:
+        for request in request_iterator:
+            if request.WhichOneof("message") == "budget":
+                try:
+                    budget.update(request.budget.budget.max_draft_tokens)
+                except InvalidArgument as exc:
+                    log.warning("ignoring budget update: %s", exc)
+    except grpc.RpcError:
+        pass  # the call ended; the session notices on its own

@@ -1,0 +1,144 @@
+"""The speculative loop of one session: propose → verify → commit, with drafting overlapped.
+
+    round i:   propose(i) ─send─▶ verifier            ◀─verdict(i)─ commit
+    meanwhile:            draft ahead (assume round i is fully accepted and the target's next token is
+                          the draft's own guess) until the verdict arrives or the next budget is drafted
+
+After a full acceptance whose next token matches the guess, round i+1's proposal is already drafted.
+The target's prefill yields the first token on its own and it is emitted at once, while the draft model
+prefills in parallel. Budget 0 means no speculation: the target alone, one token per round.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+from draft_service.drafter import ChainDrafter
+from draft_service.verifier_link import PrefillReply, VerdictReply
+from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo_common.params import DecodingParams
+from duo_common.stopping import FinishReason, StopChecker
+from duo_common.tree import TokenTree
+
+
+class VerifierLink(Protocol):
+    def open(self, session_id: str, prompt: tuple[int, ...], params: DecodingParams) -> None: ...
+    def wait_prefill(self) -> PrefillReply: ...
+    def send(self, round_number: int, tree: TokenTree) -> None: ...
+    def verdict_ready(self) -> bool: ...
+    def wait_verdict(self) -> VerdictReply: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """Everything a session needs, validated: prompt, parameters and limits."""
+
+    session_id: str
+    prompt: tuple[int, ...]
+    params: DecodingParams
+    max_sequence_tokens: int  # the target's context
+
+
+class SpeculativeSession:
+    def __init__(
+        self,
+        plan: SessionPlan,
+        link: VerifierLink,
+        make_drafter: Callable[[], ChainDrafter],
+        stop: StopChecker,
+        budget: Callable[[], int],
+    ):
+        self._plan = plan
+        self._link = link
+        self._make_drafter = make_drafter
+        self._stop = stop
+        self._budget = budget
+        self.stats = SessionStats(prompt_tokens=len(plan.prompt))
+
+    def run(self) -> Iterator[CommittedEvent | FinishedEvent]:
+        started = time.perf_counter()
+        try:
+            yield from self._run(started)
+        finally:
+            self._link.close()
+
+    def _run(self, started: float) -> Iterator[CommittedEvent | FinishedEvent]:
+        plan, stats = self._plan, self.stats
+        self._link.open(plan.session_id, plan.prompt, plan.params)
+        drafter, draft_prefill = self._start_drafter()
+        prefill = self._link.wait_prefill()
+        stats.ttft_s = time.perf_counter() - started
+        stats.verify_compute_s += prefill.compute_s
+        committed = [*plan.prompt]
+        event = self._commit(committed, [prefill.first_token], None)
+        yield event
+        if draft_prefill is not None:
+            draft_prefill.join()
+        round_number = 0
+        while self._stop.finish_reason is None:
+            if len(committed) >= plan.max_sequence_tokens:
+                yield CommittedEvent((), self._stop.end(FinishReason.LENGTH), None)
+                break
+            round_number += 1
+            budget = self._budget()
+            if drafter is None and budget > 0:
+                drafter = self._make_drafter()  # speculation switched on mid-session
+            stats.final_draft_budget = budget
+            room = min(budget, self._stop.remaining - 1, plan.max_sequence_tokens - len(committed))
+            draft_before = drafter.compute_s if drafter else 0.0
+            tree = self._propose(drafter, committed, room)
+            self._link.send(round_number, tree)
+            if drafter is not None:
+                self._draft_ahead(drafter, len(tree) + 1 + budget)
+            verdict = self._link.wait_verdict()
+            timings = RoundTimings(
+                draft_compute_s=(drafter.compute_s - draft_before) if drafter else 0.0,
+                verify_compute_s=verdict.compute_s,
+                verify_round_trip_s=verdict.round_trip_s,
+                proposal_size=len(tree),
+                accepted_size=len(verdict.accepted_nodes),
+            )
+            self._account(timings)
+            new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]
+            yield self._commit(committed, new_tokens, timings)
+        stats.total_s = time.perf_counter() - started
+        stats.new_tokens = len(self._stop.token_ids)
+        yield FinishedEvent(self._stop.finish_reason, self._stop.text, stats)
+
+    def _start_drafter(self) -> tuple[ChainDrafter | None, threading.Thread | None]:
+        if self._budget() == 0:
+            return None, None
+        drafter = self._make_drafter()
+        thread = threading.Thread(target=drafter.prefill, args=(list(self._plan.prompt),), daemon=True)
+        thread.start()
+        return drafter, thread
+
+    def _propose(self, drafter: ChainDrafter | None, committed: list[int], room: int) -> TokenTree:
+        if drafter is None or room <= 0:
+            return TokenTree.empty()
+        drafter.commit(committed)
+        chain = drafter.propose(room)
+        return TokenTree.chain(chain.token_ids, chain.draft_probs)
+
+    def _draft_ahead(self, drafter: ChainDrafter, target_ahead: int) -> None:
+        """Keep drafting while the verifier works, until its verdict arrives or enough is drafted."""
+        while not self._link.verdict_ready() and drafter.drafted_ahead < target_ahead and drafter.can_extend():
+            drafter.extend()
+
+    def _commit(self, committed: list[int], new_tokens: list[int], timings: RoundTimings | None) -> CommittedEvent:
+        result = self._stop.add(new_tokens)
+        committed.extend(result.token_ids)
+        return CommittedEvent(result.token_ids, result.text_delta, timings)
+
+    def _account(self, timings: RoundTimings) -> None:
+        stats = self.stats
+        stats.rounds += 1
+        stats.drafted_tokens += timings.proposal_size
+        stats.accepted_tokens += timings.accepted_size
+        stats.draft_compute_s += timings.draft_compute_s
+        stats.verify_compute_s += timings.verify_compute_s
+        stats.verify_round_trip_s += timings.verify_round_trip_s

@@ -1,0 +1,84 @@
+"""The verification rule: which proposed nodes the target accepts, and the target's own next token.
+
+Glossary
+  accepted     proposed nodes kept, a root-to-leaf path in the tree
+  correction   the target's token at the first rejection, sampled from the residual distribution
+  bonus        the target's token after a fully accepted path, sampled from its own distribution
+  next token   the correction or the bonus: every round commits accepted + 1 tokens
+
+Greedy walks the tree along the target's argmax: exact by construction. Sampling applies, at each node,
+multi-draft speculative sampling (SpecInfer's multi-step rule; Sequoia's without-replacement variant when
+each child carries the distribution it was sampled from given its earlier siblings): try the children in
+order, accept child x with probability min(1, target(x) / draft(x)); after a rejection replace the target
+distribution by the normalised residual max(0, target - draft). The committed token then has exactly the
+target's distribution. Pure functions: tensors in, a dataclass out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from duo_common.tree import ROOT, TokenTree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    accepted_nodes: tuple[int, ...]  # a root-to-leaf path of node indices
+    next_token: int  # correction or bonus
+
+
+def accept_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Acceptance:
+    """Follow the target's argmax through the tree. target_logits: [num_nodes + 1, vocab], row 0 = root."""
+    assert target_logits.shape[0] == len(tree) + 1, (target_logits.shape, len(tree))
+    target_tokens = target_logits.argmax(dim=-1).tolist()
+    accepted: list[int] = []
+    node = ROOT
+    while True:
+        wanted = target_tokens[node + 1]
+        match = next((child for child in tree.children(node) if tree.token_ids[child] == wanted), None)
+        if match is None:
+            return Acceptance(tuple(accepted), wanted)
+        accepted.append(match)
+        node = match
+
+
+def accept_sampled(
+    tree: TokenTree,
+    target_probs: torch.Tensor,  # [num_nodes + 1, vocab], row 0 = root
+    generator: torch.Generator,
+) -> Acceptance:
+    """Multi-draft speculative sampling down the tree; the output has exactly the target's distribution."""
+    assert target_probs.shape[0] == len(tree) + 1, (target_probs.shape, len(tree))
+    assert tree.draft_probs is not None or len(tree) == 0, "sampled verification needs draft distributions"
+    accepted: list[int] = []
+    node = ROOT
+    while True:
+        residual = target_probs[node + 1].clone()
+        chosen = None
+        for child in tree.children(node):
+            token = tree.token_ids[child]
+            draft = tree.draft_probs[child]
+            accept_probability = _ratio(residual[token], draft[token])
+            if torch.rand((), generator=generator).item() < accept_probability:
+                chosen = child
+                break
+            residual = _residual(residual, draft)
+        if chosen is None:
+            return Acceptance(tuple(accepted), int(torch.multinomial(residual, 1, generator=generator).item()))
+        accepted.append(chosen)
+        node = chosen
+
+
+def _ratio(target_p: torch.Tensor, draft_p: torch.Tensor) -> float:
+    if draft_p <= 0:
+        return 0.0  # the draft could not have sampled it; never accept
+    return min(1.0, float(target_p / draft_p))
+
+
+def _residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+    """Normalised max(0, target - draft); if nothing is left (target == draft), the target itself."""
+    residual = torch.clamp(target - draft, min=0.0)
+    total = residual.sum()
+    return residual / total if total > 0 else target

@@ -1,0 +1,163 @@
+"""The one place where protobuf messages become duo's dataclasses and back.
+
+Everything beneath the servicers speaks dataclasses; these functions also validate what arrives from
+outside (raising InvalidArgument with a message a caller can act on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+from duo_common.errors import InvalidArgument
+from duo_common.events import CommittedEvent, FinishedEvent, GenerationEvent, RoundTimings, SessionStats
+from duo_common.models import ModelInfo
+from duo_common.params import DecodingParams, StoppingParams
+from duo_common.stopping import FinishReason
+from duo_common.tree import TokenTree
+from protos import duo_pb2 as pb
+
+_FINISH_TO_PB = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+}
+_FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
+
+
+def decoding_from_pb(message: pb.DecodingParams) -> DecodingParams:
+    return DecodingParams(
+        temperature=float(message.temperature),
+        top_k=int(message.top_k),
+        top_p=float(message.top_p) if message.top_p > 0 else 1.0,
+        seed=int(message.seed) if message.HasField("seed") else None,
+    )
+
+
+def decoding_to_pb(params: DecodingParams) -> pb.DecodingParams:
+    message = pb.DecodingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    if params.seed is not None:
+        message.seed = params.seed
+    return message
+
+
+def stopping_from_pb(message: pb.StoppingParams) -> StoppingParams:
+    return StoppingParams(
+        max_new_tokens=int(message.max_new_tokens),
+        stop_strings=tuple(message.stop_strings),
+        ignore_eos=bool(message.ignore_eos),
+    )
+
+
+def stopping_to_pb(params: StoppingParams) -> pb.StoppingParams:
+    return pb.StoppingParams(
+        max_new_tokens=params.max_new_tokens, stop_strings=list(params.stop_strings), ignore_eos=params.ignore_eos
+    )
+
+
+def tree_from_pb(message: pb.TokenTree, vocab_size: int) -> TokenTree:
+    """Decode a proposal tree; the caller validates its shape against its own limits."""
+    draft_probs = None
+    if message.draft_distributions:
+        if len(message.draft_distributions) != len(message.token_ids):
+            raise InvalidArgument(
+                f"{len(message.draft_distributions)} draft distributions for {len(message.token_ids)} nodes"
+            )
+        expected_bytes = vocab_size * 4
+        rows = []
+        for index, distribution in enumerate(message.draft_distributions):
+            if len(distribution.probs_f32) != expected_bytes:
+                raise InvalidArgument(
+                    f"node {index}: draft distribution has {len(distribution.probs_f32)} bytes, expected "
+                    f"{expected_bytes} (vocab {vocab_size} float32)"
+                )
+            rows.append(np.frombuffer(distribution.probs_f32, dtype="<f4"))
+        draft_probs = torch.from_numpy(np.stack(rows).copy())
+        if not torch.isfinite(draft_probs).all() or (draft_probs < 0).any():
+            raise InvalidArgument("draft distributions must be finite and non-negative")
+    return TokenTree(tuple(message.token_ids), tuple(message.parent_indices), draft_probs)
+
+
+def tree_to_pb(tree: TokenTree) -> pb.TokenTree:
+    message = pb.TokenTree(token_ids=list(tree.token_ids), parent_indices=list(tree.parents))
+    if tree.draft_probs is not None:
+        for row in tree.draft_probs.to(torch.float32).cpu().numpy().astype("<f4"):
+            message.draft_distributions.add(probs_f32=row.tobytes())
+    return message
+
+
+def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_name=info.model_name,
+        vocab_size=info.vocab_size,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        eos_token_ids=list(info.eos_token_ids),
+        max_context_tokens=info.max_context_tokens,
+        device=info.device,
+        dtype=info.dtype,
+        max_tree_nodes=info.max_tree_nodes,
+    )
+
+
+def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model_name=message.model_name,
+        vocab_size=message.vocab_size,
+        tokenizer_fingerprint=message.tokenizer_fingerprint,
+        eos_token_ids=tuple(message.eos_token_ids),
+        max_context_tokens=message.max_context_tokens,
+        device=message.device,
+        dtype=message.dtype,
+        max_tree_nodes=message.max_tree_nodes,
+    )
+
+
+def finish_reason_to_pb(reason: FinishReason) -> int:
+    return _FINISH_TO_PB[reason]
+
+
+def finish_reason_from_pb(value: int) -> FinishReason:
+    if value not in _FINISH_FROM_PB:
+        raise InvalidArgument(f"unknown finish reason {value}")
+    return _FINISH_FROM_PB[value]
+
+
+def token_ids_from_pb(ids, vocab_size: int, what: str) -> tuple[int, ...]:
+    """Validate ids from the wire: every id within [0, vocab_size)."""
+    ids = tuple(int(i) for i in ids)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgument(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def event_to_pb(event: GenerationEvent) -> pb.GenerateEvent:
+    if isinstance(event, CommittedEvent):
+        message = pb.Committed(token_ids=list(event.token_ids), text_delta=event.text_delta)
+        if event.timings is not None:
+            message.timings.CopyFrom(pb.RoundTimings(**asdict(event.timings)))
+        return pb.GenerateEvent(committed=message)
+    return pb.GenerateEvent(finished=pb.Finished(
+        reason=finish_reason_to_pb(event.reason), text=event.text, stats=pb.GenerationStats(**asdict(event.stats))))
+
+
+def event_from_pb(message: pb.GenerateEvent) -> GenerationEvent | None:
+    """A stream event as a dataclass; None for Started (its content is read from ``started_from_pb``)."""
+    kind = message.WhichOneof("event")
+    if kind == "committed":
+        committed = message.committed
+        timings = None
+        if committed.HasField("timings"):
+            timings = RoundTimings(**{name: getattr(committed.timings, name) for name in _fields(RoundTimings)})
+        return CommittedEvent(tuple(committed.token_ids), committed.text_delta, timings)
+    if kind == "finished":
+        finished = message.finished
+        stats = SessionStats(**{name: getattr(finished.stats, name) for name in _fields(SessionStats)})
+        return FinishedEvent(finish_reason_from_pb(finished.reason), finished.text, stats)
+    return None
+
+
+def _fields(cls) -> list[str]:
+    return [item.name for item in fields(cls)]

@@ -1,0 +1,49 @@
+"""What a generation stream carries, as dataclasses: committed tokens with their round's timings, then
+the finish with statistics. The draft service produces them; the client reads them back (codec)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from duo_common.stopping import FinishReason
+
+
+@dataclass(frozen=True)
+class RoundTimings:
+    draft_compute_s: float
+    verify_compute_s: float
+    verify_round_trip_s: float
+    proposal_size: int
+    accepted_size: int
+
+
+@dataclass(frozen=True)
+class CommittedEvent:
+    token_ids: tuple[int, ...]
+    text_delta: str
+    timings: RoundTimings | None  # None for the first token (prefill)
+
+
+@dataclass
+class SessionStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_compute_s: float = 0.0
+    verify_compute_s: float = 0.0
+    verify_round_trip_s: float = 0.0
+    final_draft_budget: int = 0
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    reason: FinishReason
+    text: str
+    stats: SessionStats = field(compare=False)
+
+
+GenerationEvent = CommittedEvent | FinishedEvent

@@ -1,0 +1,129 @@
+"""Loading a Hugging Face causal LM and describing it (ModelInfo) for compatibility checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from duo_common.default_models import ModelNotAvailableError, resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    eos_token_ids: tuple[int, ...]
+    max_context_tokens: int
+    device: str
+    dtype: str
+    max_tree_nodes: int = 0
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotAvailableError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelNotAvailableError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load model and tokenizer from a hub id, a local folder or a ``builtin:`` name; eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".")) and not (local / "config.json").exists():
+        raise ModelNotAvailableError(f"model folder {path} has no config.json")
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(f"cannot load causal LM {name!r} from {path}: {exc}") from exc
+    model.to(torch_device).eval()
+    info = ModelInfo(
+        model_name=name,
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        eos_token_ids=eos_token_ids(model, tokenizer),
+        max_context_tokens=_max_context(model.config),
+        device=str(torch_device),
+        dtype=str(torch_dtype).removeprefix("torch."),
+    )
+    log.info("loaded %s on %s (%s): vocab %d, context %d", name, info.device, info.dtype, info.vocab_size,
+             info.max_context_tokens)
+    return LoadedModel(model, tokenizer, info)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 over token → id pairs and special tokens: equal fingerprints mean the ids mean the same."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        "special": sorted(str(token) for token in tokenizer.all_special_tokens),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """EOS ids from the generation config (may be a list), else the tokenizer."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return ()
+    return tuple(sorted({int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])}))
+
+
+def _max_context(config) -> int:
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def truncate_cache(cache, keep_tokens: int) -> None:
+    """Roll a DynamicCache back to its first ``keep_tokens`` positions."""
+    excess = cache.get_seq_length() - keep_tokens
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def select_cache_positions(cache, keep_from: int, positions: torch.Tensor) -> None:
+    """Keep the cache's first ``keep_from`` positions followed by ``positions`` (absolute, ascending).
+
+    Used after tree verification: the accepted path's entries are scattered among rejected siblings.
+    """
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        index = torch.cat([torch.arange(keep_from, device=layer.keys.device), positions.to(layer.keys.device)])
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)

@@ -1,0 +1,108 @@
+"""The gRPC side of both services: error mapping, the server with health and reflection, shutdown."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from duo_common.errors import DuoError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DuoError):
+        return grpc.StatusCode[exc.status], str(exc)
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        # An error of a call this service made (drafter → verifier): relay its status.
+        return exc.code(), f"upstream: {exc.details()}"
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def translate_errors(method: Callable) -> Callable:
+    """Turn DuoError (and anything unexpected) into a gRPC status, for unary and streaming handlers.
+
+    Handlers raise; only this wrapper calls ``context.abort`` (which itself raises a bare Exception).
+    """
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - the boundary: every failure becomes a status
+                context.abort(*_status_for(exc))
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def unary_wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            context.abort(*_status_for(exc))
+
+    return unary_wrapper
+
+
+class ServiceServer:
+    """A gRPC server with health (NOT_SERVING until ``mark_serving``), reflection and graceful stop."""
+
+    def __init__(self, service_names: list[str], max_workers: int = 32):
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names = service_names
+        reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stopped = threading.Event()
+
+    def bind(self, address: str) -> int:
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        return port
+
+    def start(self) -> None:
+        self.server.start()
+
+    def mark_serving(self) -> None:
+        self._set_status(health_pb2.HealthCheckResponse.SERVING)
+
+    def _set_status(self, status) -> None:
+        for name in ["", *self._service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace_s."""
+        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace_s).wait()
+        self._stopped.set()
+
+    def serve_until_signal(self, grace_s: float) -> None:
+        """Block until SIGTERM/SIGINT, then stop gracefully."""
+        def on_signal(signum, _frame):
+            log.info("signal %d: draining for up to %.0f s", signum, grace_s)
+            threading.Thread(target=self.stop, args=(grace_s,), daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self._stopped.wait()

@@ -1,0 +1,85 @@
+"""The token tree a drafter proposes and a verifier scores in one forward pass.
+
+Node i holds ``token_ids[i]`` and hangs under ``parents[i]`` (-1: the root, i.e. the last committed token,
+which the verifier feeds in front of the nodes). Parents precede children, so a tree can have no cycle.
+A chain is the tree whose node i hangs under node i - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from duo_common.errors import InvalidArgument
+
+ROOT = -1
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    token_ids: tuple[int, ...]
+    parents: tuple[int, ...]
+    # The distribution each node was sampled from (given its earlier siblings); None for greedy.
+    draft_probs: torch.Tensor | None = field(default=None, compare=False)  # [num_nodes, vocab]
+
+    @classmethod
+    def chain(cls, token_ids: list[int] | tuple[int, ...], draft_probs: torch.Tensor | None = None) -> TokenTree:
+        return cls(tuple(token_ids), tuple(range(-1, len(token_ids) - 1)), draft_probs)
+
+    @classmethod
+    def empty(cls) -> TokenTree:
+        return cls((), ())
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def validate(self, vocab_size: int, max_nodes: int) -> None:
+        """Raise InvalidArgument, with a message a caller can act on, unless the tree is well formed."""
+        if len(self.parents) != len(self.token_ids):
+            raise InvalidArgument(
+                f"tree has {len(self.token_ids)} token ids but {len(self.parents)} parent indices"
+            )
+        if len(self.token_ids) > max_nodes:
+            raise InvalidArgument(f"tree has {len(self.token_ids)} nodes; this verifier accepts at most {max_nodes}")
+        for index, (token, parent) in enumerate(zip(self.token_ids, self.parents)):
+            if not 0 <= token < vocab_size:
+                raise InvalidArgument(f"node {index}: token id {token} is outside the vocabulary [0, {vocab_size})")
+            if not ROOT <= parent < index:
+                raise InvalidArgument(
+                    f"node {index}: parent {parent} must be -1 (root) or an earlier node (parents precede "
+                    "children, which also rules out cycles)"
+                )
+        if self.draft_probs is not None and tuple(self.draft_probs.shape) != (len(self), vocab_size):
+            raise InvalidArgument(
+                f"draft distributions have shape {tuple(self.draft_probs.shape)}, expected ({len(self)}, {vocab_size})"
+            )
+
+    @property
+    def is_chain(self) -> bool:
+        return all(parent == index - 1 for index, parent in enumerate(self.parents))
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` (ROOT for the root's), in proposal order."""
+        return [index for index, parent in enumerate(self.parents) if parent == node]
+
+    def depths(self) -> list[int]:
+        """Depth of each node; the root's children have depth 1."""
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(1 if parent == ROOT else depths[parent] + 1)
+        return depths
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[num_nodes + 1, num_nodes + 1] bool: row r may attend to column c (root is row/column 0)."""
+        size = len(self) + 1
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        mask[:, 0] = True
+        mask[0, 0] = True
+        for index, parent in enumerate(self.parents):
+            row = index + 1
+            if parent != ROOT:
+                mask[row] = mask[parent + 1]
+            mask[row, row] = True
+            mask[row, 0] = True
+        return mask

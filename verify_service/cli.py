@@ -1,0 +1,53 @@
+"""``duo-verify serve``: the verify service's command line."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from duo_common.default_models import DEFAULT_TARGET
+from duo_common.models import load_causal_lm
+from duo_common.rpc import ServiceServer
+from duo_common.serve_cli import announce_port, common_serve_options, setup_process
+from duo_common.sessions import SessionRegistry
+from protos import duo_pb2_grpc
+from verify_service.engine import TargetVerifier
+from verify_service.servicer import VerifierServicer
+
+log = logging.getLogger("duo.verify")
+
+
+@click.group()
+def main() -> None:
+    """duo verify service: the target model, verifying draft token trees."""
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_TARGET, show_default=True, envvar="DUO_VERIFY_MODEL",
+              help="Target model: hub id, local folder or builtin name.")
+@click.option("--device", default="auto", show_default=True, envvar="DUO_VERIFY_DEVICE",
+              help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, envvar="DUO_VERIFY_DTYPE", help="auto: bfloat16 on CUDA, float32 on CPU.")
+@click.option("--max-tree-nodes", type=click.IntRange(1, 1024), default=64, show_default=True,
+              envvar="DUO_VERIFY_MAX_TREE_NODES", help="Largest proposal accepted per round.")
+@common_serve_options("DUO_VERIFY")
+def serve(model, device, dtype, max_tree_nodes, host, port, threads, max_sessions, grace_s, port_file, log_level):
+    """Serve the Verifier RPCs."""
+    setup_process(threads, log_level)
+    servicer = VerifierServicer(SessionRegistry(max_sessions))
+    server = ServiceServer(["duo.v1.Verifier"])
+    duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
+    bound = server.bind(f"{host}:{port}")
+    server.start()
+    announce_port(port_file, bound)  # readiness is health's job; the port is known now
+    log.info("listening on %s:%d; loading %s", host, bound, model)
+    servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype), max_tree_nodes))
+    server.mark_serving()
+    log.info("serving")
+    server.serve_until_signal(grace_s)
+
+
+if __name__ == "__main__":
+    main()

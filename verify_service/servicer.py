@@ -1,0 +1,68 @@
+"""The Verifier gRPC servicer: a thin layer between protobuf and TargetVerifier."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from duo_common import codec
+from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo_common.rpc import translate_errors
+from duo_common.sessions import SessionRegistry
+from protos import duo_pb2 as pb
+from protos import duo_pb2_grpc
+from verify_service.engine import TargetVerifier
+
+log = logging.getLogger(__name__)
+
+
+class VerifierServicer(duo_pb2_grpc.VerifierServicer):
+    def __init__(self, sessions: SessionRegistry):
+        self._loaded: TargetVerifier | None = None
+        self._sessions = sessions
+
+    def attach(self, verifier: TargetVerifier) -> None:
+        """Start serving with a loaded model (the server is up, answering UNAVAILABLE, while it loads)."""
+        self._loaded = verifier
+
+    @property
+    def _verifier(self) -> TargetVerifier:
+        if self._loaded is None:
+            raise Unavailable("the target model is still loading; retry shortly")
+        return self._loaded
+
+    @translate_errors
+    def GetModelInfo(self, request, context):
+        return codec.model_info_to_pb(self._verifier.info)
+
+    @translate_errors
+    def Verify(self, request_iterator, context):
+        opening = next(request_iterator, None)
+        if opening is None or opening.WhichOneof("message") != "open":
+            raise FailedPrecondition("a Verify stream must start with VerifyOpen")
+        session_id = opening.open.session_id or uuid.uuid4().hex
+        vocab_size = self._verifier.info.vocab_size
+        prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
+        params = codec.decoding_from_pb(opening.open.decoding)
+        with self._sessions.hold(session_id):
+            prefill = self._verifier.open(prompt, params)
+            log.info("session %s: prefilled %d tokens in %.3f s", session_id, len(prompt), prefill.compute_s)
+            yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s))
+            expected_round = 1
+            for request in request_iterator:
+                if request.WhichOneof("message") != "proposal":
+                    raise FailedPrecondition(f"session {session_id}: expected a Proposal, got {request.WhichOneof('message')}")
+                if request.proposal.round != expected_round:
+                    raise InvalidArgument(
+                        f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
+                    )
+                tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
+                outcome = self._verifier.verify(prefill.session, tree)
+                yield pb.VerifyResponse(verdict=pb.Verdict(
+                    round=expected_round,
+                    accepted_node_indices=list(outcome.acceptance.accepted_nodes),
+                    next_token_id=outcome.acceptance.next_token,
+                    compute_s=outcome.compute_s,
+                ))
+                expected_round += 1
+            log.info("session %s: closed after %d rounds", session_id, expected_round - 1)
