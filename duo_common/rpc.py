@@ -24,9 +24,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DuoError):
         return grpc.StatusCode[exc.status], str(exc)
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        # An error of a call this service made (drafter → verifier): relay its status.
-        return exc.code(), f"upstream: {exc.details()}"
+    if isinstance(exc, grpc.RpcError):
+        if callable(getattr(exc, "code", None)):
+            # An error of a call this service made (drafter → verifier): relay its status.
+            return exc.code(), f"upstream: {exc.details()}"
+        # Our own request stream broke: the peer cancelled or went away. Nothing to report.
+        return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
     log.error("internal error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 

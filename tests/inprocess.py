@@ -1,0 +1,67 @@
+"""Both services in this process on loopback ephemeral ports: the real servicers, the real gRPC path."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import grpc
+
+from draft_service.servicer import DrafterConfig, DrafterServicer
+from duo_common.models import load_causal_lm
+from duo_common.rpc import ServiceServer
+from duo_common.sessions import SessionRegistry
+from protos import duo_pb2_grpc
+from verify_service.engine import TargetVerifier
+from verify_service.servicer import VerifierServicer
+
+
+class RunningPair:
+    def __init__(self, verify_addr: str, draft_addr: str, verify_sessions: SessionRegistry,
+                 draft_sessions: SessionRegistry):
+        self.verify_addr = verify_addr
+        self.draft_addr = draft_addr
+        self.verify_sessions = verify_sessions
+        self.draft_sessions = draft_sessions
+
+
+@contextlib.contextmanager
+def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64) -> Iterator[tuple[str, SessionRegistry]]:
+    sessions = SessionRegistry(max_sessions)
+    servicer = VerifierServicer(sessions)
+    server = ServiceServer(["duo.v1.Verifier"])
+    duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    servicer.attach(TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32"), max_tree_nodes))
+    server.mark_serving()
+    try:
+        yield f"127.0.0.1:{port}", sessions
+    finally:
+        server.stop(0)
+
+
+@contextlib.contextmanager
+def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterConfig(),
+                 max_sessions: int = 8) -> Iterator[tuple[str, SessionRegistry]]:
+    sessions = SessionRegistry(max_sessions)
+    channel = grpc.insecure_channel(verify_addr)
+    servicer = DrafterServicer(config, channel, sessions)
+    server = ServiceServer(["duo.v1.Drafter"])
+    duo_pb2_grpc.add_DrafterServicer_to_server(servicer, server.server)
+    port = server.bind("127.0.0.1:0")
+    server.start()
+    servicer.attach(load_causal_lm(str(draft_dir), "cpu", "float32"))
+    server.mark_serving()
+    try:
+        yield f"127.0.0.1:{port}", sessions
+    finally:
+        server.stop(0)
+        channel.close()
+
+
+@contextlib.contextmanager
+def running_pair(target_dir, draft_dir, **draft_kwargs) -> Iterator[RunningPair]:
+    with verify_server(target_dir) as (verify_addr, verify_sessions), \
+            draft_server(draft_dir, verify_addr, **draft_kwargs) as (draft_addr, draft_sessions):
+        yield RunningPair(verify_addr, draft_addr, verify_sessions, draft_sessions)

@@ -1,0 +1,152 @@
+"""Bad input gets a clear error with the right gRPC status, and the services keep serving others."""
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo_common.params import StoppingParams
+from protos import duo_pb2 as pb
+from protos import duo_pb2_grpc
+from tests.inprocess import running_pair, verify_server
+from tests.tiny_models import VOCAB_SIZE, save_pair, word_tokenizer
+
+
+def verify_stream(address, requests):
+    with grpc.insecure_channel(address) as channel:
+        return list(duo_pb2_grpc.VerifierStub(channel).Verify(iter(requests), timeout=30))
+
+
+def opening(prompt=(1, 5, 9)):
+    return pb.VerifyRequest(open=pb.VerifyOpen(session_id="", prompt_token_ids=list(prompt)))
+
+
+def proposal(round_number, tokens, parents):
+    return pb.VerifyRequest(proposal=pb.Proposal(
+        round=round_number, tree=pb.TokenTree(token_ids=tokens, parent_indices=parents)))
+
+
+def expect_status(code, fragment, call):
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    assert fragment in caught.value.details()
+
+
+@pytest.fixture(scope="module")
+def verifier(tmp_path_factory):
+    pair = save_pair(tmp_path_factory.mktemp("bad-input"), "llama")
+    with verify_server(pair.target_dir, max_tree_nodes=8) as (address, sessions):
+        yield address, sessions
+
+
+@pytest.mark.parametrize("requests, code, fragment", [
+    ([opening(())], grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    ([opening((1, VOCAB_SIZE + 5))], grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    ([opening((1,) * 300)], grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    ([proposal(1, [5], [-1])], grpc.StatusCode.FAILED_PRECONDITION, "must start with VerifyOpen"),
+    ([opening(), proposal(1, [5, 6], [-1, 4])], grpc.StatusCode.INVALID_ARGUMENT, "parent 4"),
+    ([opening(), proposal(1, [5, 6], [1, 0])], grpc.StatusCode.INVALID_ARGUMENT, "parents precede children"),
+    ([opening(), proposal(1, [5, 6], [-1])], grpc.StatusCode.INVALID_ARGUMENT, "parent indices"),
+    ([opening(), proposal(1, list(range(3, 12)), list(range(-1, 8)))], grpc.StatusCode.INVALID_ARGUMENT, "at most 8"),
+    ([opening(), proposal(1, [5, 999], [-1, 0])], grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    ([opening(), proposal(2, [5], [-1])], grpc.StatusCode.INVALID_ARGUMENT, "expected round 1"),
+    ([opening(), opening()], grpc.StatusCode.FAILED_PRECONDITION, "expected a Proposal"),
+])
+def test_verifier_refuses_bad_input_and_keeps_serving(verifier, requests, code, fragment):
+    address, sessions = verifier
+    expect_status(code, fragment, lambda: verify_stream(address, requests))
+    # The same server still verifies a good session, and the failed one was released.
+    responses = verify_stream(address, [opening(), proposal(1, [5, 6], [-1, 0])])
+    assert responses[0].WhichOneof("message") == "prefilled"
+    assert responses[1].WhichOneof("message") == "verdict"
+    assert _eventually(lambda: len(sessions) == 0)
+
+
+def test_a_tree_with_a_cycle_cannot_be_expressed(verifier):
+    address, _ = verifier
+    # node 0 under node 1 and node 1 under node 0: refused because a parent must come first
+    expect_status(grpc.StatusCode.INVALID_ARGUMENT, "parents precede children",
+                  lambda: verify_stream(address, [opening(), proposal(1, [5, 6], [1, 0])]))
+
+
+def test_verifier_refuses_sessions_beyond_its_limit(tmp_path):
+    pair = save_pair(tmp_path, "llama")
+    with verify_server(pair.target_dir, max_sessions=1) as (address, sessions):
+        with grpc.insecure_channel(address) as channel:
+            stub = duo_pb2_grpc.VerifierStub(channel)
+            release = threading.Event()
+
+            def hold_open():
+                yield opening()
+                release.wait(10)
+
+            held = stub.Verify(hold_open(), timeout=30)
+            assert next(held).WhichOneof("message") == "prefilled"
+            expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "already runs 1 sessions",
+                          lambda: list(stub.Verify(iter([opening()]), timeout=30)))
+            release.set()
+            list(held)
+        assert _eventually(lambda: len(sessions) == 0)
+
+
+def test_cancelled_client_frees_both_services_sessions(tmp_path):
+    pair = save_pair(tmp_path, "llama")
+    with running_pair(pair.target_dir, pair.draft_dir) as services:
+        with grpc.insecure_channel(services.draft_addr) as channel:
+            call = duo_pb2_grpc.DrafterStub(channel).Generate(pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=[1, 5, 9]),
+                stopping=pb.StoppingParams(max_new_tokens=200, ignore_eos=True)), timeout=60)
+            first = next(call)
+            assert first.WhichOneof("event") == "started"
+            assert _eventually(lambda: len(services.verify_sessions) == 1)
+            call.cancel()
+        assert _eventually(lambda: len(services.draft_sessions) == 0 and len(services.verify_sessions) == 0)
+
+
+@pytest.mark.parametrize("request_fields, fragment", [
+    ({}, "prompt is missing"),
+    ({"text": ""}, "prompt is empty"),
+    ({"token_ids": pb.TokenIds(ids=[])}, "prompt is empty"),
+    ({"token_ids": pb.TokenIds(ids=[1, 10_000])}, "outside the vocabulary"),
+    ({"token_ids": pb.TokenIds(ids=[1] * 400)}, "context"),
+    ({"text": "w1 w2", "stopping": pb.StoppingParams(max_new_tokens=0)}, "max_new_tokens"),
+    ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=-1)}, "temperature"),
+    ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=1, top_p=1.5)}, "top_p"),
+    ({"text": "w1 w2", "budget": pb.DraftBudget(max_draft_tokens=10_000)}, "draft budget"),
+    ({"text": "w1 w2", "apply_chat_template": True}, "tokenizer has none"),
+])
+def test_drafter_refuses_bad_requests_and_keeps_serving(tiny_services, request_fields, fragment):
+    request = pb.GenerateRequest(stopping=pb.StoppingParams(max_new_tokens=4))
+    for name, value in request_fields.items():
+        if hasattr(value, "CopyFrom"):
+            getattr(request, name).CopyFrom(value)
+        else:
+            setattr(request, name, value)
+    with grpc.insecure_channel(tiny_services.draft_addr) as channel:
+        stub = duo_pb2_grpc.DrafterStub(channel)
+        expect_status(grpc.StatusCode.INVALID_ARGUMENT, fragment, lambda: list(stub.Generate(request, timeout=30)))
+        good = list(stub.Generate(pb.GenerateRequest(text="w1 w2", stopping=pb.StoppingParams(max_new_tokens=4)),
+                                  timeout=30))
+    assert good[-1].finished.stats.new_tokens >= 1
+
+
+def test_incompatible_tokenizers_are_refused_before_drafting(tmp_path):
+    pair = save_pair(tmp_path, "llama", draft_tokenizer=word_tokenizer(extra_word="other"))
+    with running_pair(pair.target_dir, pair.draft_dir) as services:
+        with grpc.insecure_channel(services.draft_addr) as channel:
+            request = GenerationRequest(prompt_ids=(1, 5), stopping=StoppingParams(max_new_tokens=4))
+            expect_status(grpc.StatusCode.FAILED_PRECONDITION, "tokenizers differ",
+                          lambda: Orchestrator(channel, timeout_s=30).generate(request, FixedBudget(4)))
+        assert len(services.verify_sessions) == 0 and services.verify_sessions.total_opened == 0
+
+
+def _eventually(condition, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
