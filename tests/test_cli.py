@@ -1,0 +1,84 @@
+"""``duo-client``: flag validation (no services needed) and the real default pair end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from client.cli import main, parse_budget
+
+PROMPT = "The capital of France is"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--draft-budget", "many", "hi"], "expected a number of draft tokens or 'auto'"),
+    (["generate", "--draft-budget", "-1", "hi"], "draft budget must be in"),
+    (["generate", "--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+    (["generate", "--temperature", "-0.5", "hi"], "--temperature"),
+    (["generate", "--top-p", "0", "hi"], "--top-p"),
+    (["generate", "--verify-addr", "localhost:1", "hi"], "--verify-addr needs --draft-addr"),
+    (["generate", "   "], "the prompt is empty"),
+])
+def test_bad_flags_are_usage_errors(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_budget_parsing():
+    assert parse_budget("auto") is None
+    assert parse_budget("6") == 6
+
+
+def test_unreachable_remote_service_is_a_clear_error():
+    result = CliRunner().invoke(main, ["generate", "--draft-addr", "127.0.0.1:1", "--timeout-s", "5", "hi"])
+    assert result.exit_code == 1
+    assert "UNAVAILABLE" in result.output or "DEADLINE_EXCEEDED" in result.output
+
+
+def run_cli(*args, stdin=None):
+    completed = subprocess.run([sys.executable, "-m", "client.cli", "generate", *args], input=stdin,
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+@pytest.fixture(scope="module")
+def target_reference():
+    """HF greedy generate of the default target alone: 48 new tokens after PROMPT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from duo_common.default_models import default_target_dir
+
+    path = default_target_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        output = model.generate(ids, max_new_tokens=48, do_sample=False)
+    return output[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-speculation"]], ids=["speculative", "no-speculation"])
+def test_default_pair_through_the_cli_equals_target_alone(target_reference, mode):
+    completed = run_cli("--json", "--no-chat", "--max-new-tokens", "48", *mode, PROMPT)
+    result = json.loads(completed.stdout)
+    assert result["token_ids"] == target_reference
+    assert result["finish_reason"] in ("eos", "length")
+    stats = result["stats"]
+    assert stats["new_tokens"] == len(target_reference)
+    for key in ("ttft_s", "tokens_per_s", "rounds", "mean_accepted_tokens", "acceptance_rate", "draft_budget"):
+        assert key in stats
+    if mode:
+        assert stats["draft_budget"] == 0 and stats["mean_accepted_tokens"] == 1.0
+    else:
+        assert stats["mean_accepted_tokens"] > 1.0
+
+
+def test_chat_prompt_from_stdin_streams_an_answer():
+    completed = run_cli("--max-new-tokens", "24", "--stats", stdin="What is the capital of France?")
+    assert "Paris" in completed.stdout
+    assert "tokens/s" in completed.stderr
