@@ -9,14 +9,13 @@ import sys
 import click
 import grpc
 
+from client.budget import AdaptiveBudget
 from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
 from duo_common.errors import DuoError
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.rpc import MAX_MESSAGE_BYTES
-
-DEFAULT_FIXED_BUDGET = 4
 
 
 def parse_budget(value: str) -> int | None:
@@ -79,7 +78,7 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
         )
     except DuoError as exc:
         raise click.UsageError(str(exc)) from exc
-    policy = FixedBudget(DEFAULT_FIXED_BUDGET if budget is None else budget)
+    policy = AdaptiveBudget() if budget is None else FixedBudget(budget)
     on_text = (lambda text: None) if as_json else _print_stream
 
     try:

@@ -49,6 +49,7 @@ class GenerationRequest:
     apply_chat_template: bool | None = None  # None: the tokenizer's default
     decoding: DecodingParams = DecodingParams()
     stopping: StoppingParams = StoppingParams()
+    sequential: bool = False  # benchmarks only: no drafting while the verifier works
 
     def __post_init__(self) -> None:
         if (self.prompt_text is None) == (self.prompt_ids is None):
@@ -148,6 +149,7 @@ def _request_to_pb(request: GenerationRequest, budget: int) -> pb.GenerateReques
         decoding=codec.decoding_to_pb(request.decoding),
         stopping=codec.stopping_to_pb(request.stopping),
         budget=pb.DraftBudget(max_draft_tokens=budget),
+        sequential=request.sequential,
     )
     if request.prompt_text is not None:
         message.text = request.prompt_text

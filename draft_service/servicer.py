@@ -113,7 +113,7 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
                 f"max_new_tokens {stopping.max_new_tokens} exceeds this service's limit {self._config.max_new_tokens_limit}"
             )
         request_id = request.request_id or uuid.uuid4().hex
-        plan = SessionPlan(request_id, prompt, params, target.max_context_tokens)
+        plan = SessionPlan(request_id, prompt, params, target.max_context_tokens, overlap=not request.sequential)
         stop = StopChecker(stopping, frozenset(target.eos_token_ids), self._encoder.decode)
         stop_ids = frozenset() if stopping.ignore_eos else frozenset(target.eos_token_ids)
         max_tokens = min(target.max_context_tokens, loaded.info.max_context_tokens)

@@ -41,6 +41,7 @@ class SessionPlan:
     prompt: tuple[int, ...]
     params: DecodingParams
     max_sequence_tokens: int  # the target's context
+    overlap: bool = True  # draft the next round while the verifier works (False: the sequential schedule)
 
 
 class SpeculativeSession:
@@ -89,18 +90,19 @@ class SpeculativeSession:
                 drafter = self._make_drafter()  # speculation switched on mid-session
             stats.final_draft_budget = budget
             room = min(budget, self._stop.remaining - 1, plan.max_sequence_tokens - len(committed))
-            draft_before = drafter.compute_s if drafter else 0.0
+            draft_before = (drafter.compute_s, drafter.tokens_drafted) if drafter else (0.0, 0)
             tree = self._propose(drafter, committed, room)
             self._link.send(round_number, tree)
-            if drafter is not None:
+            if drafter is not None and plan.overlap:
                 self._draft_ahead(drafter, len(tree) + 1 + budget)
             verdict = self._link.wait_verdict()
             timings = RoundTimings(
-                draft_compute_s=(drafter.compute_s - draft_before) if drafter else 0.0,
+                draft_compute_s=(drafter.compute_s - draft_before[0]) if drafter else 0.0,
                 verify_compute_s=verdict.compute_s,
                 verify_round_trip_s=verdict.round_trip_s,
                 proposal_size=len(tree),
                 accepted_size=len(verdict.accepted_nodes),
+                draft_tokens=(drafter.tokens_drafted - draft_before[1]) if drafter else 0,
             )
             self._account(timings)
             new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]

@@ -15,6 +15,7 @@ class RoundTimings:
     verify_round_trip_s: float
     proposal_size: int
     accepted_size: int
+    draft_tokens: int = 0  # draft forward steps behind draft_compute_s (the proposal and drafting ahead)
 
 
 @dataclass(frozen=True)

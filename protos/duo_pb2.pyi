@@ -81,18 +81,20 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ...) -> None: ...
 
 class RoundTimings(_message.Message):
-    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size")
+    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens")
     DRAFT_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     draft_compute_s: float
     verify_compute_s: float
     verify_round_trip_s: float
     proposal_size: int
     accepted_size: int
-    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ...) -> None: ...
+    draft_tokens: int
+    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ..., draft_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "proposal")
@@ -157,7 +159,7 @@ class SessionRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., budget: _Optional[_Union[BudgetUpdate, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "apply_chat_template", "decoding", "stopping", "budget", "request_id")
+    __slots__ = ("text", "token_ids", "apply_chat_template", "decoding", "stopping", "budget", "request_id", "sequential")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class GenerateRequest(_message.Message):
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     apply_chat_template: bool
@@ -172,7 +175,8 @@ class GenerateRequest(_message.Message):
     stopping: StoppingParams
     budget: DraftBudget
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    sequential: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., request_id: _Optional[str] = ..., sequential: _Optional[bool] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

@@ -1,0 +1,122 @@
+"""The latency-aware draft budget: choose the next proposal size to maximise committed tokens per second.
+
+From the timings each round reports, the controller keeps running estimates of
+  draft_s_per_token   drafter compute per drafted token
+  verify_s(n)         verifier compute for a proposal of n nodes, fitted as base + per_node * n
+  network_s           round trip minus verifier compute (network, queues, serialisation)
+  acceptance          per-token probability that the target accepts a draft token
+and picks the budget k maximising
+
+    expected committed tokens per round   1 + a + a^2 + ... + a^k           (a = acceptance)
+    ─────────────────────────────────── = ────────────────────────────────────────────────────
+    expected seconds per round            hit * max(T_draft(k), RTT + T_verify(k))
+                                          + (1 - hit) * (T_draft(k) + RTT + T_verify(k))
+
+where hit = a^(k+1) is the chance that the whole proposal and the drafter's guess of the target's next
+token are accepted — then the next proposal was drafted during verification and the round costs only the
+slower of the two sides (drafting and verification overlap, DuoDecoding's T_draft ≈ RTT + T_verify
+balance); otherwise the drafter starts over after the verdict. Pure: numbers in, a budget out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from duo_common.events import RoundTimings
+
+
+@dataclass(frozen=True)
+class BudgetModel:
+    """A snapshot of the estimates; ``best_budget`` and ``tokens_per_s`` are pure functions of it."""
+
+    draft_s_per_token: float
+    verify_base_s: float
+    verify_s_per_node: float
+    network_s: float
+    acceptance: float
+
+    def expected_committed(self, budget: int) -> float:
+        a = min(max(self.acceptance, 0.0), 0.999)
+        return sum(a**i for i in range(budget + 1))
+
+    def round_s(self, budget: int) -> float:
+        draft_s = self.draft_s_per_token * budget
+        verify_s = self.network_s + self.verify_base_s + self.verify_s_per_node * budget
+        hit = min(max(self.acceptance, 0.0), 1.0) ** (budget + 1)
+        return hit * max(draft_s, verify_s) + (1 - hit) * (draft_s + verify_s)
+
+    def tokens_per_s(self, budget: int) -> float:
+        return self.expected_committed(budget) / max(self.round_s(budget), 1e-9)
+
+    def best_budget(self, max_budget: int, min_budget: int = 1) -> int:
+        return max(range(min_budget, max_budget + 1), key=lambda k: (self.tokens_per_s(k), -k))
+
+
+class _Ewma:
+    def __init__(self, initial: float, weight: float):
+        self.value, self._weight, self.samples = initial, weight, 0
+
+    def update(self, sample: float) -> None:
+        # The first samples count fully, so the prior fades fast; then exponential forgetting.
+        weight = max(self._weight, 1.0 / (self.samples + 2))
+        self.value += weight * (sample - self.value)
+        self.samples += 1
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    initial_budget: int = 4
+    max_budget: int = 16
+    min_budget: int = 1
+    smoothing: float = 0.2  # weight of the newest round in every running estimate
+    prior_acceptance: float = 0.6
+
+
+class AdaptiveBudget:
+    """A BudgetPolicy for the orchestrator: re-estimates after every round, adapts when latency changes."""
+
+    def __init__(self, config: ControllerConfig = ControllerConfig()):
+        self.config = config
+        weight = config.smoothing
+        self._draft_s_per_token = _Ewma(0.0, weight)
+        self._network_s = _Ewma(0.0, weight)
+        # Per-token acceptance as successes / trials: a proposal of k with a accepted tried a + [a < k] tokens.
+        self._accepted = _Ewma(config.prior_acceptance, weight)
+        self._tried = _Ewma(1.0, weight)
+        # verify_s(n) = base + per_node * n: running means of n, t, n*t, n*n for a weighted least-squares fit
+        self._n, self._t, self._nt, self._nn = (_Ewma(0.0, weight) for _ in range(4))
+        self.budget = config.initial_budget
+
+    def initial(self) -> int:
+        return self.budget
+
+    def after_round(self, timings: RoundTimings) -> int | None:
+        if timings.draft_tokens > 0:
+            self._draft_s_per_token.update(timings.draft_compute_s / timings.draft_tokens)
+        self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
+        n, t = float(timings.proposal_size), timings.verify_compute_s
+        for estimate, sample in ((self._n, n), (self._t, t), (self._nt, n * t), (self._nn, n * n)):
+            estimate.update(sample)
+        if timings.proposal_size > 0:
+            rejected = 1 if timings.accepted_size < timings.proposal_size else 0
+            self._accepted.update(timings.accepted_size)
+            self._tried.update(timings.accepted_size + rejected)
+        if self._draft_s_per_token.samples == 0:
+            return None
+        self.budget = self.model().best_budget(self.config.max_budget, self.config.min_budget)
+        return self.budget
+
+    def model(self) -> BudgetModel:
+        variance = self._nn.value - self._n.value**2
+        if variance > 1e-6:
+            per_node = max(0.0, (self._nt.value - self._n.value * self._t.value) / variance)
+        else:
+            per_node = 0.0
+        base = max(0.0, self._t.value - per_node * self._n.value)
+        return BudgetModel(
+            draft_s_per_token=self._draft_s_per_token.value,
+            verify_base_s=base,
+            verify_s_per_node=per_node,
+            network_s=self._network_s.value,
+            acceptance=self._accepted.value / self._tried.value if self._tried.value > 0 else 0.0,
+        )

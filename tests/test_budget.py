@@ -1,0 +1,85 @@
+"""The latency-aware budget: synthetic timings in, budget out."""
+
+import random
+
+import pytest
+
+from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
+from duo_common.events import RoundTimings
+
+
+def model(**overrides):
+    values = dict(draft_s_per_token=0.005, verify_base_s=0.080, verify_s_per_node=0.001, network_s=0.0,
+                  acceptance=0.8)
+    values.update(overrides)
+    return BudgetModel(**values)
+
+
+def test_expected_committed_is_the_geometric_sum():
+    assert model(acceptance=0.5).expected_committed(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert model(acceptance=0.0).expected_committed(8) == pytest.approx(1.0)
+
+
+def test_round_time_overlaps_on_a_hit_and_adds_up_on_a_miss():
+    always = model(acceptance=1.0, verify_s_per_node=0.0)
+    assert always.round_s(4) == pytest.approx(max(0.020, 0.080))
+    never = model(acceptance=0.0, verify_s_per_node=0.0)
+    assert never.round_s(4) == pytest.approx(0.020 + 0.080)
+
+
+def test_cheap_drafts_and_good_acceptance_buy_long_proposals():
+    assert model(acceptance=0.9).best_budget(16) >= 8
+
+
+def test_poor_acceptance_keeps_proposals_short():
+    assert model(acceptance=0.2).best_budget(16) <= 2
+
+
+def test_a_slow_drafter_gets_a_shorter_budget():
+    fast = model(draft_s_per_token=0.002).best_budget(16)
+    slow = model(draft_s_per_token=0.040).best_budget(16)
+    assert slow < fast
+
+
+def test_network_latency_is_hidden_by_drafting_more():
+    # With a round trip to cover, the drafter has time for more tokens before the verdict comes back.
+    near = model(draft_s_per_token=0.010, acceptance=0.85).best_budget(24)
+    far = model(draft_s_per_token=0.010, acceptance=0.85, network_s=0.100).best_budget(24)
+    assert far > near
+
+
+def synthetic_round(budget, acceptance, draft_s_per_token, verify_s, network_s):
+    accepted = 0
+    while accepted < budget and (accepted + 1) / (budget + 1) <= acceptance:  # deterministic, ≈ geometric mean
+        accepted += 1
+    return RoundTimings(
+        draft_compute_s=draft_s_per_token * budget, verify_compute_s=verify_s,
+        verify_round_trip_s=verify_s + network_s, proposal_size=budget, accepted_size=accepted,
+        draft_tokens=budget,
+    )
+
+
+def test_controller_learns_from_rounds_and_adapts_when_latency_changes():
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=24))
+    assert controller.initial() == 4
+    for _ in range(30):
+        controller.after_round(synthetic_round(controller.budget, 0.8, 0.010, 0.080, 0.0))
+    estimates = controller.model()
+    assert estimates.draft_s_per_token == pytest.approx(0.010, rel=0.01)
+    assert estimates.network_s == pytest.approx(0.0, abs=1e-6)
+    near = controller.budget
+    for _ in range(30):
+        controller.after_round(synthetic_round(controller.budget, 0.8, 0.010, 0.080, 0.150))
+    assert controller.model().network_s == pytest.approx(0.150, rel=0.05)
+    assert controller.budget > near
+
+
+def test_controller_estimates_per_token_acceptance_without_truncation_bias():
+    controller = AdaptiveBudget(ControllerConfig(smoothing=0.05))
+    # a = 0.75: rounds of budget 4 accept 0..4 tokens in geometric proportions (counts per 256 rounds)
+    counts = {0: 64, 1: 48, 2: 36, 3: 27, 4: 81}
+    rounds = [accepted for accepted, count in counts.items() for _ in range(count)]
+    random.Random(0).shuffle(rounds)
+    for accepted in rounds:
+        controller.after_round(RoundTimings(0.04, 0.08, 0.08, 4, accepted, 4))
+    assert controller.model().acceptance == pytest.approx(0.75, abs=0.08)
