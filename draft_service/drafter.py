@@ -49,6 +49,7 @@ class ChainDrafter:
         self._belief: list[int] = []
         self._belief_probs: list[torch.Tensor | None] = []  # per drafted token (index from committed_len)
         self.compute_s = 0.0
+        self.tokens_drafted = 0
 
     @property
     def drafted_ahead(self) -> int:
@@ -96,6 +97,7 @@ class ChainDrafter:
             token = sample(probs, self._generator)
         self._belief.append(token)
         self._belief_probs.append(probs)
+        self.tokens_drafted += 1
         self.compute_s += time.perf_counter() - started
 
     def propose(self, max_tokens: int) -> DraftChain:
