@@ -70,6 +70,7 @@ class ControllerConfig:
     min_budget: int = 1
     smoothing: float = 0.2  # weight of the newest round in every running estimate
     prior_acceptance: float = 0.6
+    max_branches: int = 1  # tree width sent with every budget (1: chains); the model above assumes chains
 
 
 class AdaptiveBudget:
@@ -86,6 +87,10 @@ class AdaptiveBudget:
         # verify_s(n) = base + per_node * n: running means of n, t, n*t, n*n for a weighted least-squares fit
         self._n, self._t, self._nt, self._nn = (_Ewma(0.0, weight) for _ in range(4))
         self.budget = config.initial_budget
+
+    @property
+    def max_branches(self) -> int:
+        return self.config.max_branches
 
     def initial(self) -> int:
         return self.budget

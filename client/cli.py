@@ -5,17 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from pathlib import Path
 
 import click
 import grpc
 
-from client.budget import AdaptiveBudget
+from client import bench
+from client.budget import AdaptiveBudget, ControllerConfig
 from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
 from duo_common.errors import DuoError
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.rpc import MAX_MESSAGE_BYTES
+from duo_common.security import ChannelSecurity, read_token
+
+# Chains measured best on the default pair while its draft is the target itself (benchmarks/trees_vs_chains.py);
+# re-measure once duo's own draft ships.
+DEFAULT_MAX_BRANCHES = 1
+_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
 def parse_budget(value: str) -> int | None:
@@ -47,6 +55,8 @@ def main() -> None:
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the model has one).")
 @click.option("--draft-budget", default="auto", show_default=True, help="Draft tokens per round, or auto.")
+@click.option("--max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES, show_default=True,
+              help="Token-tree width: alternatives per node (1 = chains).")
 @click.option("--no-speculation", is_flag=True, help="The target alone through the same verify service.")
 @click.option("--stats", "show_stats", is_flag=True, help="Human-readable stats on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout at the end.")
@@ -59,9 +69,14 @@ def main() -> None:
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Embedded mode: the verify service's device.")
 @click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None, help="Deadline of the generation.")
+@click.option("--tls-ca", type=_FILE, envvar="DUO_CLIENT_TLS_CA", help="Remote mode: CA of the draft service (TLS).")
+@click.option("--tls-cert", type=_FILE, envvar="DUO_CLIENT_TLS_CERT", help="Client certificate (mutual TLS).")
+@click.option("--tls-key", type=_FILE, envvar="DUO_CLIENT_TLS_KEY", help="Client key (mutual TLS).")
+@click.option("--auth-token-file", type=_FILE, envvar="DUO_CLIENT_AUTH_TOKEN_FILE",
+              help="Send 'authorization: Bearer <token>' with the token in this file.")
 def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, ignore_eos, chat, draft_budget,
-             no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model, verify_threads,
-             draft_threads, device, timeout_s):
+             max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model,
+             verify_threads, draft_threads, device, timeout_s, tls_ca, tls_cert, tls_key, auth_token_file):
     """Generate a continuation of PROMPT (read from stdin when omitted), streaming it to stdout."""
     if prompt is None:
         prompt = sys.stdin.read()
@@ -76,9 +91,13 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
             stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings),
                                     ignore_eos=ignore_eos),
         )
+        security = ChannelSecurity(tls_ca, tls_cert, tls_key, read_token(auth_token_file))
     except DuoError as exc:
         raise click.UsageError(str(exc)) from exc
-    policy = AdaptiveBudget() if budget is None else FixedBudget(budget)
+    if budget is None:
+        policy = AdaptiveBudget(ControllerConfig(max_branches=max_branches))
+    else:
+        policy = FixedBudget(budget, max_branches)
     on_text = (lambda text: None) if as_json else _print_stream
 
     try:
@@ -88,9 +107,9 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
                     raise click.UsageError("--verify-addr needs --draft-addr (the draft service talks to the verifier)")
                 config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device)
                 draft_addr = stack.enter_context(embedded_services(config)).draft
-            channel = stack.enter_context(grpc.insecure_channel(draft_addr, options=[
+            channel = stack.enter_context(security.channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
-            result = Orchestrator(channel, timeout_s).generate(request, policy, on_text)
+            result = Orchestrator(channel, timeout_s, security.metadata).generate(request, policy, on_text)
     except ServiceStartError as exc:
         raise click.ClickException(str(exc)) from exc
     except grpc.RpcError as exc:
@@ -127,6 +146,79 @@ def _print_stats(result: GenerationResult) -> None:
         f"acceptance {stats['acceptance_rate']:.0%}, draft budget {stats['draft_budget']}",
         err=True,
     )
+
+
+@main.command(name="bench")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSONL file of {\"prompt\": ...} (default: the shipped set).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--systems", default=",".join(bench.ALL_SYSTEMS), show_default=True,
+              help="Comma-separated systems to run; the first one is the reference output.")
+@click.option("--fixed-budget", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Budget of duo-fixed and duo-sequential.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap prompts in the chat template.")
+@click.option("--warmup/--no-warmup", default=True, show_default=True, help="One untimed run of every system first.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save a PNG bar chart.")
+@click.option("--draft-addr", envvar="DUO_DRAFT_ADDR", help="Remote mode: a running draft service.")
+@click.option("--target-model", default=DEFAULT_TARGET, show_default=True)
+@click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True)
+@click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
+def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, chat, warmup, json_out, chart, draft_addr,
+          target_model, draft_model, verify_threads, draft_threads):
+    """Compare duo with HF generate and HF assisted generation on the same models and cores."""
+    from duo_common.default_models import resolve_model
+
+    chosen = [name.strip() for name in systems.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(bench.ALL_SYSTEMS))
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(bench.ALL_SYSTEMS)}",
+                                 param_hint="--systems")
+    prompts = bench.load_prompts(prompts_file, limit)
+    baselines = bench.HfBaselines(resolve_model(target_model), resolve_model(draft_model),
+                                  threads=verify_threads + draft_threads)
+    prompt_ids = [baselines.encode(prompt, chat) for prompt in prompts]
+    runs: list[bench.Run] = []
+    with contextlib.ExitStack() as stack:
+        if draft_addr is None and any(name.startswith("duo") for name in chosen):
+            config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, "cpu")
+            draft_addr = stack.enter_context(embedded_services(config)).draft
+        orchestrator = None
+        if draft_addr is not None:
+            channel = stack.enter_context(grpc.insecure_channel(draft_addr, options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
+            orchestrator = Orchestrator(channel)
+
+        def run_one(system: str, index: int, ids: list[int]) -> bench.Run:
+            if system.startswith("hf"):
+                tokens, total_s, ttft_s = baselines.run(system, ids, max_new_tokens)
+                return bench.Run(system, index, tokens, total_s, ttft_s)
+            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget)
+            return bench.run_from_result(system, index, result)
+
+        if warmup:
+            for system in chosen:
+                run_one(system, -1, prompt_ids[0][:16])
+        for index, ids in enumerate(prompt_ids):
+            for system in chosen:
+                run = run_one(system, index, ids)
+                runs.append(run)
+                click.echo(f"prompt {index + 1}/{len(prompt_ids)} {system:<15} {len(run.token_ids):>4} tokens "
+                           f"{len(run.token_ids) / run.total_s:6.2f} tok/s", err=True)
+    summaries = bench.summarise(runs, chosen)
+    click.echo(bench.format_table(summaries))
+    meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
+            "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
+            "hf_threads": verify_threads + draft_threads, "fixed_budget": fixed_budget,
+            "draft_addr": draft_addr}
+    if json_out:
+        bench.write_json(json_out, summaries, meta)
+    if chart:
+        bench.save_chart(chart, summaries, f"duo bench: {len(prompts)} prompts × {max_new_tokens} tokens")
+    if not all(summary.identical_to_reference for summary in summaries):
+        raise click.ClickException("greedy outputs differ between systems (see the 'same' column)")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ class BudgetPolicy(Protocol):
 
 @dataclass
 class FixedBudget:
-    """Always the same number of draft tokens per round (0: no speculation)."""
+    """Always the same number of draft tokens per round (0: no speculation), in trees of at most
+    ``max_branches`` children per node (1: chains)."""
 
     tokens: int
+    max_branches: int = 1
 
     def initial(self) -> int:
         return self.tokens
@@ -65,6 +67,7 @@ class GenerationResult:
     ttft_s: float  # client-measured: request sent → first token received
     total_s: float  # client-measured: request sent → finished
     budgets: list[int] = field(default_factory=list)  # budget in force at each round
+    rounds: list[RoundTimings] = field(default_factory=list)  # per-round timings, in order
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,17 +111,19 @@ class Orchestrator:
         """Run one generation to its end, calling ``on_text`` with each newly final piece of text."""
         outbox: queue.Queue = queue.Queue()
         budget = policy.initial()
-        outbox.put(pb.SessionRequest(start=_request_to_pb(request, budget)))
+        width = getattr(policy, "max_branches", 1)  # a policy without a width drafts chains
+        outbox.put(pb.SessionRequest(start=_request_to_pb(request, budget, width)))
         started = time.perf_counter()
         call = self._stub.Session(iter(outbox.get, _CLOSE), timeout=self._timeout_s, metadata=self._metadata)
         token_ids: list[int] = []
         budgets: list[int] = []
+        rounds: list[RoundTimings] = []
         ttft_s = 0.0
         try:
             for event in _events(call):
                 if isinstance(event, FinishedEvent):
                     return GenerationResult(event.text, token_ids, event.reason, event.stats, ttft_s,
-                                            time.perf_counter() - started, budgets)
+                                            time.perf_counter() - started, budgets, rounds)
                 if event.token_ids and not token_ids:
                     ttft_s = time.perf_counter() - started
                 token_ids.extend(event.token_ids)
@@ -126,11 +131,12 @@ class Orchestrator:
                     on_text(event.text_delta)
                 if event.timings is not None:
                     budgets.append(budget)
+                    rounds.append(event.timings)
                     new_budget = policy.after_round(event.timings)
                     if new_budget is not None and new_budget != budget:
                         budget = new_budget
                         outbox.put(pb.SessionRequest(budget=pb.BudgetUpdate(
-                            budget=pb.DraftBudget(max_draft_tokens=budget))))
+                            budget=pb.DraftBudget(max_draft_tokens=budget, max_branches=width))))
         finally:
             outbox.put(_CLOSE)
             call.cancel()
@@ -144,11 +150,11 @@ def _events(call) -> Iterator[CommittedEvent | FinishedEvent]:
             yield event
 
 
-def _request_to_pb(request: GenerationRequest, budget: int) -> pb.GenerateRequest:
+def _request_to_pb(request: GenerationRequest, budget: int, max_branches: int = 1) -> pb.GenerateRequest:
     message = pb.GenerateRequest(
         decoding=codec.decoding_to_pb(request.decoding),
         stopping=codec.stopping_to_pb(request.stopping),
-        budget=pb.DraftBudget(max_draft_tokens=budget),
+        budget=pb.DraftBudget(max_draft_tokens=budget, max_branches=max_branches),
         sequential=request.sequential,
     )
     if request.prompt_text is not None:

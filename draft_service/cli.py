@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 import click
-import grpc
 
 from draft_service.servicer import DrafterConfig, DrafterServicer
 from duo_common.default_models import DEFAULT_DRAFT
-from duo_common.errors import FailedPrecondition, Unavailable
+from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
-from duo_common.rpc import MAX_MESSAGE_BYTES, ServiceServer
-from duo_common.serve_cli import announce_port, common_serve_options, setup_process
+from duo_common.rpc import ServiceServer
+from duo_common.security import ChannelSecurity, read_token
+from duo_common.serve_cli import ServeSettings, announce_port, common_serve_options, setup_process, start_metrics
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 
@@ -26,43 +28,64 @@ def main() -> None:
     """duo draft service: the draft model and the speculative loop."""
 
 
+def _option(name: str, **kwargs):
+    envvar = "DUO_DRAFT_" + name.lstrip("-").replace("-", "_").upper()
+    return click.option(name, envvar=envvar, show_envvar=True, show_default=True, **kwargs)
+
+
+_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
 @main.command()
-@click.option("--model", default=DEFAULT_DRAFT, show_default=True, envvar="DUO_DRAFT_MODEL",
-              help="Draft model: hub id, local folder or builtin name.")
-@click.option("--verify-addr", required=True, envvar="DUO_DRAFT_VERIFY_ADDR",
-              help="HOST:PORT of the verify service.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, envvar="DUO_DRAFT_DTYPE")
-@click.option("--default-budget", type=click.IntRange(0, 1024), default=4, show_default=True,
-              envvar="DUO_DRAFT_DEFAULT_BUDGET", help="Draft tokens per round when a request sets none.")
-@click.option("--verify-timeout-s", type=click.FloatRange(0.1), default=120.0, show_default=True,
-              envvar="DUO_DRAFT_VERIFY_TIMEOUT_S", help="Longest wait for one verifier answer.")
-@click.option("--verify-wait-s", type=click.FloatRange(0), default=600.0, show_default=True,
-              envvar="DUO_DRAFT_VERIFY_WAIT_S", help="How long start-up waits for the verify service.")
-@click.option("--max-new-tokens-limit", type=click.IntRange(1), default=4096, show_default=True,
-              envvar="DUO_DRAFT_MAX_NEW_TOKENS_LIMIT", help="Largest max_new_tokens a request may ask for.")
+@_option("--model", default=DEFAULT_DRAFT, help="Draft model: hub id, local folder or builtin name.")
+@_option("--verify-addr", required=True,
+         help="The verify service: HOST:PORT, or dns:///NAME:PORT to balance over every address NAME resolves to.")
+@_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
+@_option("--default-budget", type=click.IntRange(0, 1024), default=4,
+         help="Draft tokens per round when a request sets none.")
+@_option("--verify-timeout-s", type=click.FloatRange(0.1), default=120.0, help="Longest wait for one verifier answer.")
+@_option("--verify-wait-s", type=click.FloatRange(0), default=600.0, help="How long start-up waits for the verifier.")
+@_option("--max-new-tokens-limit", type=click.IntRange(1), default=4096,
+         help="Largest max_new_tokens a request may ask for.")
+@_option("--verify-tls-ca", type=_FILE, default=None, help="CA of the verifier's certificate: TLS to the verifier.")
+@_option("--verify-tls-cert", type=_FILE, default=None, help="Client certificate for mutual TLS to the verifier.")
+@_option("--verify-tls-key", type=_FILE, default=None, help="Client key for mutual TLS to the verifier.")
+@_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
+@_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
 def serve(model, verify_addr, dtype, default_budget, verify_timeout_s, verify_wait_s, max_new_tokens_limit,
-          host, port, threads, max_sessions, grace_s, port_file, log_level):
+          verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
+          settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""
-    setup_process(threads, log_level)
-    channel = grpc.insecure_channel(verify_addr, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    setup_process(settings)
+    try:
+        verify_security = ChannelSecurity(verify_tls_ca, verify_tls_cert, verify_tls_key,
+                                          read_token(verify_auth_token_file), verify_server_name)
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from exc
+    channel = verify_security.channel(verify_addr, options=[
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+        ("grpc.max_send_message_length", settings.server.max_message_bytes),
+        # Each session is one stream on one verifier; spread sessions over all resolved verifiers.
+        ("grpc.lb_policy_name", "round_robin"),
     ])
-    config = DrafterConfig(default_budget, verify_timeout_s, max_new_tokens_limit)
-    servicer = DrafterServicer(config, channel, SessionRegistry(max_sessions))
-    server = ServiceServer(["duo.v1.Drafter"])
+    config = DrafterConfig(default_budget=default_budget, verify_timeout_s=verify_timeout_s,
+                           max_new_tokens_limit=max_new_tokens_limit)
+    metrics = ServiceMetrics("draft")
+    servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
+                               verify_security.metadata)
+    server = ServiceServer(["duo.v1.Drafter"], settings.server, metrics)
     duo_pb2_grpc.add_DrafterServicer_to_server(servicer, server.server)
-    bound = server.bind(f"{host}:{port}")
+    bound = server.bind(settings.address())
     server.start()
-    announce_port(port_file, bound)  # readiness is health's job; the port is known now
-    log.info("listening on %s:%d; loading %s", host, bound, model)
+    announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
+    start_metrics(settings, metrics)
+    log.info("listening on %s:%d%s; loading %s", settings.host, bound, " (TLS)" if settings.server.tls else "", model)
     servicer.attach(load_causal_lm(model, "cpu", dtype))
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()
     log.info("serving; verifier at %s", verify_addr)
-    server.serve_until_signal(grace_s)
+    server.serve_until_signal(settings.grace_s)
 
 
 def _wait_for_compatible_verifier(servicer: DrafterServicer, verify_addr: str, wait_s: float) -> None:

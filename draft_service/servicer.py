@@ -14,17 +14,21 @@ from dataclasses import dataclass
 
 import grpc
 
-from draft_service.drafter import ChainDrafter
+from draft_service.draft_tree import MAX_WIDTH
 from draft_service.prompts import PromptEncoder
 from draft_service.speculation import SessionPlan, SpeculativeSession
+from draft_service.tree_drafter import TreeDrafter
 from draft_service.verifier_link import GrpcVerifierLink
 from duo_common import codec
 from duo_common.compat import check_compatible
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo_common.events import CommittedEvent, GenerationEvent
+from duo_common.metrics import ServiceMetrics
 from duo_common.models import LoadedModel, ModelInfo
 from duo_common.rpc import translate_errors
 from duo_common.sessions import SessionRegistry
 from duo_common.stopping import StopChecker
+from duo_common.tree_attention import supports_tree_attention
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 
@@ -34,26 +38,33 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DrafterConfig:
     default_budget: int = 4
+    default_max_branches: int = 1  # tree width when a request sets no budget (1: chains)
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
 
 
 class BudgetHolder:
-    """The current draft budget of one session; the client may change it between rounds."""
+    """The current draft budget (tokens, and tree width) of one session; the client may change it between rounds."""
 
-    def __init__(self, initial: int, limit: int):
+    def __init__(self, initial: int, limit: int, max_branches: int = 1):
         self._limit = limit
         self._value = self._checked(initial)
+        self._branches = _checked_branches(max_branches)
         self._lock = threading.Lock()
 
     def __call__(self) -> int:
         with self._lock:
             return self._value
 
-    def update(self, value: int) -> None:
-        checked = self._checked(value)
+    def max_branches(self) -> int:
         with self._lock:
-            self._value = checked
+            return self._branches
+
+    def update(self, value: int, max_branches: int | None = None) -> None:
+        checked = self._checked(value)
+        branches = self._branches if max_branches is None else _checked_branches(max_branches)
+        with self._lock:
+            self._value, self._branches = checked, branches
 
     def _checked(self, value: int) -> int:
         if not 0 <= value <= self._limit:
@@ -61,23 +72,36 @@ class BudgetHolder:
         return value
 
 
+def _checked_branches(value: int) -> int:
+    """max_branches 0 and 1 both mean chains."""
+    if not 0 <= value <= MAX_WIDTH:
+        raise InvalidArgument(f"max_branches {value} is outside [0, {MAX_WIDTH}]")
+    return max(value, 1)
+
+
 class DrafterServicer(duo_pb2_grpc.DrafterServicer):
-    def __init__(self, config: DrafterConfig, verify_channel: grpc.Channel, sessions: SessionRegistry):
+    def __init__(self, config: DrafterConfig, verify_channel: grpc.Channel, sessions: SessionRegistry,
+                 metrics: ServiceMetrics | None = None, verify_metadata: tuple = ()):
         self._config = config
         self._verify_channel = verify_channel
+        self._verify_metadata = verify_metadata  # e.g. the bearer token the verifier expects
+        self._metrics = metrics or ServiceMetrics("draft")
         self._verifier_stub = duo_pb2_grpc.VerifierStub(verify_channel)
         self._sessions = sessions
         self._loaded: LoadedModel | None = None
         self._encoder: PromptEncoder | None = None
+        self._tree_attention = False  # whether the draft model takes a tree attention mask
 
     def attach(self, loaded: LoadedModel) -> None:
+        self._tree_attention = supports_tree_attention(loaded.model)
         self._loaded = loaded
         self._encoder = PromptEncoder(loaded.tokenizer)
 
     def target_info(self, timeout_s: float = 10.0) -> ModelInfo:
         """The verifier's model, checked against ours: FAILED_PRECONDITION for an incompatible pair."""
         try:
-            target = codec.model_info_from_pb(self._verifier_stub.GetModelInfo(pb.ModelInfoRequest(), timeout=timeout_s))
+            target = codec.model_info_from_pb(self._verifier_stub.GetModelInfo(
+                pb.ModelInfoRequest(), timeout=timeout_s, metadata=self._verify_metadata))
         except grpc.RpcError as exc:
             raise Unavailable(f"cannot reach the verify service: {exc.code().name}: {exc.details()}") from exc
         check_compatible(self._model().info, target)
@@ -118,24 +142,39 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         stop_ids = frozenset() if stopping.ignore_eos else frozenset(target.eos_token_ids)
         max_tokens = min(target.max_context_tokens, loaded.info.max_context_tokens)
 
-        def make_drafter() -> ChainDrafter:
-            return ChainDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens)
+        trees = self._tree_attention and target.tree_attention  # else chains: one side takes no tree mask
 
-        link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s)
+        def make_drafter() -> TreeDrafter:
+            return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees)
+
+        link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata)
         session = SpeculativeSession(plan, link, make_drafter, stop, budget)
-        with self._sessions.hold(request_id):
+        metrics = self._metrics
+        with self._sessions.hold(request_id), metrics.sessions_active.track_inprogress():
+            metrics.sessions_total.inc()
             log.info("session %s: %d prompt tokens, budget %d", request_id, len(prompt), budget())
-            yield pb.GenerateEvent(started=pb.Started(
-                request_id=request_id, prompt_tokens=len(prompt), budget=pb.DraftBudget(max_draft_tokens=budget())))
+            started = pb.DraftBudget(max_draft_tokens=budget(), max_branches=budget.max_branches() if trees else 1)
+            yield pb.GenerateEvent(started=pb.Started(request_id=request_id, prompt_tokens=len(prompt), budget=started))
             with contextlib.closing(session.run()) as events:  # closing frees the verifier's session
                 for event in events:
                     if not context.is_active():
                         log.info("session %s: client went away", request_id)
                         return
+                    self._observe(request_id, event)  # before yielding: the caller may hang up after the last
                     yield codec.event_to_pb(event)
-            stats = session.stats
-            log.info("session %s: %d tokens, %d rounds, %.1f tokens/s", request_id, stats.new_tokens, stats.rounds,
-                     stats.new_tokens / stats.total_s if stats.total_s else 0.0)
+
+    def _observe(self, request_id: str, event: GenerationEvent) -> None:
+        metrics = self._metrics
+        if isinstance(event, CommittedEvent):
+            if event.timings is not None:
+                metrics.draft_seconds.observe(event.timings.draft_compute_s)
+            return
+        stats = event.stats
+        metrics.ttft_seconds.observe(stats.ttft_s)
+        if stats.new_tokens > 1:
+            metrics.inter_token_seconds.observe((stats.total_s - stats.ttft_s) / (stats.new_tokens - 1))
+        log.info("session %s: %d tokens (%s), %d rounds, %.1f tokens/s", request_id, stats.new_tokens,
+                 event.reason.value, stats.rounds, stats.new_tokens / stats.total_s if stats.total_s else 0.0)
 
     def _prompt(self, request: pb.GenerateRequest, target: ModelInfo) -> tuple[int, ...]:
         kind = request.WhichOneof("prompt")
@@ -157,8 +196,9 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
 
     def _initial_budget(self, request: pb.GenerateRequest, target: ModelInfo) -> BudgetHolder:
         if request.HasField("budget"):
-            return BudgetHolder(request.budget.max_draft_tokens, target.max_tree_nodes)
-        return BudgetHolder(min(self._config.default_budget, target.max_tree_nodes), target.max_tree_nodes)
+            return BudgetHolder(request.budget.max_draft_tokens, target.max_tree_nodes, request.budget.max_branches)
+        return BudgetHolder(min(self._config.default_budget, target.max_tree_nodes), target.max_tree_nodes,
+                            self._config.default_max_branches)
 
     def _model(self) -> LoadedModel:
         if self._loaded is None:
@@ -172,7 +212,7 @@ def _follow_budget_updates(request_iterator, budget: BudgetHolder) -> None:
         for request in request_iterator:
             if request.WhichOneof("message") == "budget":
                 try:
-                    budget.update(request.budget.budget.max_draft_tokens)
+                    budget.update(request.budget.budget.max_draft_tokens, request.budget.budget.max_branches)
                 except InvalidArgument as exc:
                     log.warning("ignoring budget update: %s", exc)
     except grpc.RpcError:

@@ -1,10 +1,12 @@
 """The speculative loop of one session: propose → verify → commit, with drafting overlapped.
 
     round i:   propose(i) ─send─▶ verifier            ◀─verdict(i)─ commit
-    meanwhile:            draft ahead (assume round i is fully accepted and the target's next token is
-                          the draft's own guess) until the verdict arrives or the next budget is drafted
+    meanwhile:            draft ahead: grow the draft tree below round i's proposal, hedging over the
+                          target's possible next tokens (several candidates, each with a continuation),
+                          until the verdict arrives or enough is drafted
 
-After a full acceptance whose next token matches the guess, round i+1's proposal is already drafted.
+After a full acceptance whose next token is one of the hedged candidates (or a rejection whose correction
+was drafted as an unproposed sibling), round i+1's proposal is already drafted.
 The target's prefill yields the first token on its own and it is emitted at once, while the draft model
 prefills in parallel. Budget 0 means no speculation: the target alone, one token per round.
 """
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-from draft_service.drafter import ChainDrafter
+from draft_service.tree_drafter import TreeDrafter
 from draft_service.verifier_link import PrefillReply, VerdictReply
 from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
 from duo_common.params import DecodingParams
@@ -49,7 +51,7 @@ class SpeculativeSession:
         self,
         plan: SessionPlan,
         link: VerifierLink,
-        make_drafter: Callable[[], ChainDrafter],
+        make_drafter: Callable[[], TreeDrafter],
         stop: StopChecker,
         budget: Callable[[], int],
     ):
@@ -111,7 +113,7 @@ class SpeculativeSession:
         stats.new_tokens = len(self._stop.token_ids)
         yield FinishedEvent(self._stop.finish_reason, self._stop.text, stats)
 
-    def _start_drafter(self) -> tuple[ChainDrafter | None, threading.Thread | None]:
+    def _start_drafter(self) -> tuple[TreeDrafter | None, threading.Thread | None]:
         if self._budget() == 0:
             return None, None
         drafter = self._make_drafter()
@@ -119,17 +121,16 @@ class SpeculativeSession:
         thread.start()
         return drafter, thread
 
-    def _propose(self, drafter: ChainDrafter | None, committed: list[int], room: int) -> TokenTree:
+    def _propose(self, drafter: TreeDrafter | None, committed: list[int], room: int) -> TokenTree:
         if drafter is None or room <= 0:
             return TokenTree.empty()
         drafter.commit(committed)
-        chain = drafter.propose(room)
-        return TokenTree.chain(chain.token_ids, chain.draft_probs)
+        return drafter.propose(room)
 
-    def _draft_ahead(self, drafter: ChainDrafter, target_ahead: int) -> None:
+    def _draft_ahead(self, drafter: TreeDrafter, target_ahead: int) -> None:
         """Keep drafting while the verifier works, until its verdict arrives or enough is drafted."""
-        while not self._link.verdict_ready() and drafter.drafted_ahead < target_ahead and drafter.can_extend():
-            drafter.extend()
+        while not self._link.verdict_ready() and drafter.grow_ahead(target_ahead):
+            pass
 
     def _commit(self, committed: list[int], new_tokens: list[int], timings: RoundTimings | None) -> CommittedEvent:
         result = self._stop.add(new_tokens)

@@ -11,12 +11,14 @@ multi-draft speculative sampling (SpecInfer's multi-step rule; Sequoia's without
 each child carries the distribution it was sampled from given its earlier siblings): try the children in
 order, accept child x with probability min(1, target(x) / draft(x)); after a rejection replace the target
 distribution by the normalised residual max(0, target - draft). The committed token then has exactly the
-target's distribution. Pure functions: tensors in, a dataclass out.
+target's distribution. Pure functions: tensors in, a dataclass out. Randomness comes from a ``Draws``
+object (the session's torch.Generator in production; an exhaustive enumerator in the exact tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -27,6 +29,26 @@ from duo_common.tree import ROOT, TokenTree
 class Acceptance:
     accepted_nodes: tuple[int, ...]  # a root-to-leaf path of node indices
     next_token: int  # correction or bonus
+
+
+class Draws(Protocol):
+    """The two kinds of random choice the rule makes."""
+
+    def bernoulli(self, probability: float) -> bool: ...
+    def categorical(self, probs: torch.Tensor) -> int: ...
+
+
+@dataclass(frozen=True)
+class TorchDraws:
+    """Draws from a session's private generator."""
+
+    generator: torch.Generator
+
+    def bernoulli(self, probability: float) -> bool:
+        return torch.rand((), generator=self.generator).item() < probability
+
+    def categorical(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())
 
 
 def accept_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Acceptance:
@@ -47,10 +69,11 @@ def accept_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Acceptance:
 def accept_sampled(
     tree: TokenTree,
     target_probs: torch.Tensor,  # [num_nodes + 1, vocab], row 0 = root
-    generator: torch.Generator,
+    randomness: torch.Generator | Draws,
 ) -> Acceptance:
     """Multi-draft speculative sampling down the tree; the output has exactly the target's distribution."""
     assert target_probs.shape[0] == len(tree) + 1, (target_probs.shape, len(tree))
+    draws = TorchDraws(randomness) if isinstance(randomness, torch.Generator) else randomness
     assert tree.draft_probs is not None or len(tree) == 0, "sampled verification needs draft distributions"
     accepted: list[int] = []
     node = ROOT
@@ -61,12 +84,12 @@ def accept_sampled(
             token = tree.token_ids[child]
             draft = tree.draft_probs[child]
             accept_probability = _ratio(residual[token], draft[token])
-            if torch.rand((), generator=generator).item() < accept_probability:
+            if draws.bernoulli(accept_probability):
                 chosen = child
                 break
             residual = _residual(residual, draft)
         if chosen is None:
-            return Acceptance(tuple(accepted), int(torch.multinomial(residual, 1, generator=generator).item()))
+            return Acceptance(tuple(accepted), draws.categorical(residual))
         accepted.append(chosen)
         node = chosen
 

@@ -98,6 +98,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
         device=info.device,
         dtype=info.dtype,
         max_tree_nodes=info.max_tree_nodes,
+        tree_attention=info.tree_attention,
     )
 
 
@@ -111,6 +112,7 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         device=message.device,
         dtype=message.dtype,
         max_tree_nodes=message.max_tree_nodes,
+        tree_attention=message.tree_attention,
     )
 
 

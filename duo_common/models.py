@@ -27,6 +27,7 @@ class ModelInfo:
     device: str
     dtype: str
     max_tree_nodes: int = 0
+    tree_attention: bool = False  # scores branching trees in one pass (checked at load); False: chains only
 
 
 @dataclass

@@ -7,6 +7,7 @@ import inspect
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from concurrent import futures
 from typing import Callable
 
@@ -15,6 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duo_common.errors import DuoError
+from duo_common.interceptors import BearerTokenInterceptor, ErrorCountingInterceptor
+from duo_common.metrics import ServiceMetrics
+from duo_common.security import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +64,73 @@ def translate_errors(method: Callable) -> Callable:
     return unary_wrapper
 
 
-class ServiceServer:
-    """A gRPC server with health (NOT_SERVING until ``mark_serving``), reflection and graceful stop."""
+@dataclass(frozen=True)
+class ServerOptions:
+    """Transport settings of one service, built from its CLI flags."""
 
-    def __init__(self, service_names: list[str], max_workers: int = 32):
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers),
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+    max_sessions: int = 64
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    tls: ServerTls | None = None
+    auth_token: str | None = None
+    health_port: int | None = None  # a plaintext health-only port (kubelet probes cannot speak TLS)
+    max_connection_age_s: float | None = None  # make clients re-resolve DNS now and then (new replicas)
+    connection_age_grace_s: float = 3600.0
+
+
+class ServiceServer:
+    """A gRPC server with health (NOT_SERVING until ``mark_serving``), reflection, optional TLS, bearer
+    token and metrics, and a graceful stop."""
+
+    def __init__(self, service_names: list[str], options: ServerOptions = ServerOptions(),
+                 metrics: ServiceMetrics | None = None):
+        self.options = options
+        interceptors = []
+        if metrics is not None:
+            interceptors.append(ErrorCountingInterceptor(metrics.count_error))
+        if options.auth_token:
+            interceptors.append(BearerTokenInterceptor(options.auth_token))
+        channel_options = [
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+        ]
+        if options.max_connection_age_s:
+            channel_options += [
+                ("grpc.max_connection_age_ms", int(options.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(options.connection_age_grace_s * 1000)),
+            ]
+        # Every session holds a worker thread for its stream; keep spare ones for health and info calls.
+        workers = options.max_sessions + 8
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
+                                  options=channel_options)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._health_server = None
+        if options.health_port is not None:
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stopped = threading.Event()
 
     def bind(self, address: str) -> int:
-        port = self.server.add_insecure_port(address)
+        """Listen on ``address`` (TLS when configured); returns the bound port."""
+        if self.options.tls is not None:
+            port = self.server.add_secure_port(address, self.options.tls.credentials())
+        else:
+            port = self.server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind {address}")
+        if self._health_server is not None:
+            host = address.rsplit(":", 1)[0]
+            if self._health_server.add_insecure_port(f"{host}:{self.options.health_port}") == 0:
+                raise OSError(f"cannot bind the health port {self.options.health_port}")
         return port
 
     def start(self) -> None:
         self.server.start()
+        if self._health_server is not None:
+            self._health_server.start()
 
     def mark_serving(self) -> None:
         self._set_status(health_pb2.HealthCheckResponse.SERVING)
@@ -98,6 +143,8 @@ class ServiceServer:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace_s."""
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace_s).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0)
         self._stopped.set()
 
     def serve_until_signal(self, grace_s: float) -> None:

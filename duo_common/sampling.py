@@ -3,6 +3,8 @@ speculative sampling compares are computed identically (a mismatch here silently
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from duo_common.params import DecodingParams
@@ -39,6 +41,27 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def derived_seed(seed: int | None, role: str) -> int | None:
+    """A seed for one role of a session (e.g. the drafter), unrelated to ``seed`` itself and to other roles:
+    the verifier uses the request's seed as is, the drafter ``derived_seed(seed, "draft")``, so their random
+    streams never coincide, nor does one session's drafter replay another session's verifier."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(f"duo:{role}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def without_tokens(probs: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:
+    """probs [vocab] with ``tokens`` zeroed and renormalised (sampling siblings without replacement);
+    None when no probability is left."""
+    if not tokens:
+        return probs
+    rest = probs.clone()
+    rest[tokens] = 0.0
+    total = rest.sum()
+    return rest / total if total > 0 else None
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:

@@ -1,48 +1,119 @@
-"""Options and start-up shared by ``duo-verify serve`` and ``duo-draft serve``."""
+"""Options and start-up shared by ``duo-verify serve`` and ``duo-draft serve``.
+
+Every option can also come from the environment as ``{PREFIX}_{OPTION}`` (e.g. DUO_VERIFY_PORT), read by
+click here in the CLI and nowhere else.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
+from duo_common.errors import InvalidArgument
+from duo_common.metrics import ServiceMetrics
+from duo_common.rpc import ServerOptions
+from duo_common.security import ServerTls, read_token
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The common serve options, gathered."""
+
+    host: str
+    port: int
+    threads: int | None
+    grace_s: float
+    port_file: Path | None
+    log_level: str
+    metrics_port: int | None
+    server: ServerOptions
+
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 def common_serve_options(env_prefix: str):
-    """Options every service has; each also reads ``{env_prefix}_{NAME}`` from the environment."""
+    """Add the options every service has; the command receives them as one ``settings`` argument."""
+
+    def option(name: str, **kwargs):
+        envvar = f"{env_prefix}_{name.lstrip('-').replace('-', '_').upper()}"
+        return click.option(name, envvar=envvar, show_default=True, show_envvar=True, **kwargs)
+
+    options = [
+        option("--host", default="0.0.0.0", help="Address to listen on."),
+        option("--port", type=click.IntRange(0, 65535), default=50051, help="gRPC port (0 picks a free one)."),
+        option("--threads", type=click.IntRange(1, 512), default=None, help="torch CPU threads."),
+        option("--max-sessions", type=click.IntRange(1, 100000), default=64,
+               help="Concurrent sessions; more are refused with RESOURCE_EXHAUSTED."),
+        option("--grace-s", type=click.FloatRange(0), default=30.0,
+               help="Seconds in-flight sessions get to finish after SIGTERM."),
+        option("--port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+               help="Write the bound port here once listening."),
+        option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"),
+        option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+               help="Serve Prometheus /metrics over HTTP on this port."),
+        option("--health-port", type=click.IntRange(1, 65535), default=None,
+               help="Also serve grpc.health.v1 alone, in plaintext, on this port (for probes when TLS is on)."),
+        option("--tls-cert", type=_FILE, default=None, help="Server certificate (PEM); enables TLS."),
+        option("--tls-key", type=_FILE, default=None, help="Server private key (PEM)."),
+        option("--tls-ca", type=_FILE, default=None, help="CA for client certificates: enables mutual TLS."),
+        option("--auth-token-file", type=_FILE, default=None,
+               help="Require 'authorization: Bearer <token>' with the token in this file."),
+        option("--max-message-mb", type=click.IntRange(1, 2047), default=64, help="Largest gRPC message."),
+        option("--max-connection-age-s", type=click.FloatRange(0), default=None,
+               help="Close client connections after this long (clients re-resolve DNS and find new replicas)."),
+    ]
 
     def decorate(command):
-        options = [
-            click.option("--host", default="0.0.0.0", show_default=True, envvar=f"{env_prefix}_HOST",
-                         help="Address to listen on."),
-            click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
-                         envvar=f"{env_prefix}_PORT", help="Port to listen on (0 picks a free one)."),
-            click.option("--threads", type=click.IntRange(1, 512), default=None, envvar=f"{env_prefix}_THREADS",
-                         help="torch CPU threads (default: torch's choice)."),
-            click.option("--max-sessions", type=click.IntRange(1, 100000), default=64, show_default=True,
-                         envvar=f"{env_prefix}_MAX_SESSIONS", help="Concurrent sessions before RESOURCE_EXHAUSTED."),
-            click.option("--grace-s", type=click.FloatRange(0), default=30.0, show_default=True,
-                         envvar=f"{env_prefix}_GRACE_S", help="Seconds in-flight sessions get to finish on SIGTERM."),
-            click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                         envvar=f"{env_prefix}_PORT_FILE", help="Write the bound port here once serving."),
-            click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-                         show_default=True, envvar=f"{env_prefix}_LOG_LEVEL"),
-        ]
-        return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+        @functools.wraps(command)
+        def wrapper(host, port, threads, max_sessions, grace_s, port_file, log_level, metrics_port, health_port,
+                    tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s, **rest):
+            if (tls_cert is None) != (tls_key is None):
+                raise click.UsageError("--tls-cert and --tls-key go together")
+            if tls_ca is not None and tls_cert is None:
+                raise click.UsageError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+            try:
+                token = read_token(auth_token_file)
+            except InvalidArgument as exc:
+                raise click.UsageError(str(exc)) from exc
+            server = ServerOptions(
+                max_sessions=max_sessions,
+                max_message_bytes=max_message_mb * 1024 * 1024,
+                tls=ServerTls(tls_cert, tls_key, tls_ca) if tls_cert else None,
+                auth_token=token,
+                health_port=health_port,
+                max_connection_age_s=max_connection_age_s or None,
+                connection_age_grace_s=max(grace_s, 3600.0),
+            )
+            settings = ServeSettings(host, port, threads, grace_s, port_file, log_level, metrics_port, server)
+            return command(settings=settings, **rest)
+
+        return functools.reduce(lambda cmd, opt: opt(cmd), reversed(options), wrapper)
 
     return decorate
 
 
-def setup_process(threads: int | None, log_level: str) -> None:
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    if threads:
+def setup_process(settings: ServeSettings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    if settings.threads:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(settings.threads)
+
+
+def start_metrics(settings: ServeSettings, metrics: ServiceMetrics) -> None:
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port, settings.host)
+        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
 
 
 def announce_port(port_file: Path | None, port: int) -> None:

@@ -61,7 +61,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "eos_token_ids", "max_context_tokens", "device", "dtype", "max_tree_nodes")
+    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "eos_token_ids", "max_context_tokens", "device", "dtype", "max_tree_nodes", "tree_attention")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    TREE_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     tokenizer_fingerprint: str
@@ -78,7 +79,8 @@ class ModelInfo(_message.Message):
     device: str
     dtype: str
     max_tree_nodes: int
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ...) -> None: ...
+    tree_attention: bool
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., tree_attention: _Optional[bool] = ...) -> None: ...
 
 class RoundTimings(_message.Message):
     __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens")
@@ -185,10 +187,12 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftBudget(_message.Message):
-    __slots__ = ("max_draft_tokens",)
+    __slots__ = ("max_draft_tokens", "max_branches")
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     max_draft_tokens: int
-    def __init__(self, max_draft_tokens: _Optional[int] = ...) -> None: ...
+    max_branches: int
+    def __init__(self, max_draft_tokens: _Optional[int] = ..., max_branches: _Optional[int] = ...) -> None: ...
 
 class BudgetUpdate(_message.Message):
     __slots__ = ("budget",)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import grpc
-
 from draft_service.servicer import DrafterConfig, DrafterServicer
 from duo_common.models import load_causal_lm
-from duo_common.rpc import ServiceServer
+from duo_common.metrics import ServiceMetrics
+from duo_common.rpc import ServerOptions, ServiceServer
+from duo_common.security import ChannelSecurity
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
@@ -26,10 +26,12 @@ class RunningPair:
 
 
 @contextlib.contextmanager
-def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64) -> Iterator[tuple[str, SessionRegistry]]:
-    sessions = SessionRegistry(max_sessions)
-    servicer = VerifierServicer(sessions)
-    server = ServiceServer(["duo.v1.Verifier"])
+def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, options: ServerOptions | None = None,
+                  metrics: ServiceMetrics | None = None) -> Iterator[tuple[str, SessionRegistry]]:
+    options = options or ServerOptions(max_sessions=max_sessions)
+    sessions = SessionRegistry(options.max_sessions)
+    servicer = VerifierServicer(sessions, metrics)
+    server = ServiceServer(["duo.v1.Verifier"], options, metrics)
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
     port = server.bind("127.0.0.1:0")
     server.start()
@@ -42,12 +44,14 @@ def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64) -
 
 
 @contextlib.contextmanager
-def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterConfig(),
-                 max_sessions: int = 8) -> Iterator[tuple[str, SessionRegistry]]:
-    sessions = SessionRegistry(max_sessions)
-    channel = grpc.insecure_channel(verify_addr)
-    servicer = DrafterServicer(config, channel, sessions)
-    server = ServiceServer(["duo.v1.Drafter"])
+def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterConfig(), max_sessions: int = 8,
+                 options: ServerOptions | None = None, verify_security: ChannelSecurity = ChannelSecurity(),
+                 metrics: ServiceMetrics | None = None) -> Iterator[tuple[str, SessionRegistry]]:
+    options = options or ServerOptions(max_sessions=max_sessions)
+    sessions = SessionRegistry(options.max_sessions)
+    channel = verify_security.channel(verify_addr)
+    servicer = DrafterServicer(config, channel, sessions, metrics, verify_security.metadata)
+    server = ServiceServer(["duo.v1.Drafter"], options, metrics)
     duo_pb2_grpc.add_DrafterServicer_to_server(servicer, server.server)
     port = server.bind("127.0.0.1:0")
     server.start()

@@ -14,17 +14,18 @@ from tests.tiny_models import reference_greedy, save_pair, word_tokenizer
 PROMPTS = [[1, 5, 9, 20], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 
 
-def duo_generate(draft_addr, prompt, budget, stopping):
+def duo_generate(draft_addr, prompt, budget, stopping, max_branches=1):
     with grpc.insecure_channel(draft_addr) as channel:
         request = GenerationRequest(prompt_ids=tuple(prompt), stopping=stopping)
-        return Orchestrator(channel, timeout_s=60).generate(request, FixedBudget(budget))
+        return Orchestrator(channel, timeout_s=60).generate(request, FixedBudget(budget, max_branches))
 
 
+@pytest.mark.parametrize("max_branches", [1, 3])
 @pytest.mark.parametrize("budget", range(0, 9))
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_tokens_equal_target_alone(tiny_pair, tiny_services, prompt, budget):
+def test_tokens_equal_target_alone(tiny_pair, tiny_services, prompt, budget, max_branches):
     expected = reference_greedy(tiny_pair.target, prompt, 40, eos_token_id=2)
-    result = duo_generate(tiny_services.draft_addr, prompt, budget, StoppingParams(max_new_tokens=40))
+    result = duo_generate(tiny_services.draft_addr, prompt, budget, StoppingParams(max_new_tokens=40), max_branches)
     assert result.token_ids == expected
     expected_reason = FinishReason.EOS if expected[-1] == 2 else FinishReason.LENGTH
     assert result.finish_reason == expected_reason
@@ -35,12 +36,13 @@ def test_tokens_equal_target_alone(tiny_pair, tiny_services, prompt, budget):
         assert stats.rounds < len(expected)  # speculation saved verification rounds
 
 
+@pytest.mark.parametrize("max_branches", [1, 3])
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 3, 7])
 @pytest.mark.parametrize("budget", [0, 1, 5, 8])
-def test_max_new_tokens_is_exact(tiny_pair, tiny_services, budget, max_new_tokens):
+def test_max_new_tokens_is_exact(tiny_pair, tiny_services, budget, max_new_tokens, max_branches):
     expected = reference_greedy(tiny_pair.target, PROMPTS[0], max_new_tokens, eos_token_id=None)
     result = duo_generate(tiny_services.draft_addr, PROMPTS[0], budget,
-                          StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+                          StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True), max_branches)
     assert result.token_ids == expected
     assert len(result.token_ids) == max_new_tokens
     assert result.finish_reason == FinishReason.LENGTH
@@ -57,14 +59,15 @@ def test_eos_inside_a_draft_ends_exactly(tmp_path, arch):
     expected = reference_greedy(pair.target, prompt, 60, eos_token_id=eos)
     assert expected[-1] == eos and len(expected) == position + 1
     with running_pair(pair.target_dir, pair.draft_dir) as services:
-        for budget in (2, 5, 8):
-            result = duo_generate(services.draft_addr, prompt, budget, StoppingParams(max_new_tokens=60))
-            assert result.token_ids == expected, budget
+        for budget, max_branches in ((2, 1), (5, 1), (8, 1), (5, 3), (8, 3)):
+            result = duo_generate(services.draft_addr, prompt, budget, StoppingParams(max_new_tokens=60), max_branches)
+            assert result.token_ids == expected, (budget, max_branches)
             assert result.finish_reason == FinishReason.EOS
 
 
+@pytest.mark.parametrize("max_branches", [1, 3])
 @pytest.mark.parametrize("budget", [0, 3, 8])
-def test_stop_string_spanning_tokens_ends_exactly(tiny_pair, tiny_services, budget):
+def test_stop_string_spanning_tokens_ends_exactly(tiny_pair, tiny_services, budget, max_branches):
     tokenizer = word_tokenizer()
     reference = reference_greedy(tiny_pair.target, PROMPTS[0], 40, eos_token_id=None)
     # A stop string made of the end of one word and the start of the next, found deep in the output.
@@ -74,7 +77,8 @@ def test_stop_string_spanning_tokens_ends_exactly(tiny_pair, tiny_services, budg
     cut = full_text.index(stop)
     needed = next(n for n in range(1, len(reference) + 1) if stop in tokenizer.decode(reference[:n]))
     result = duo_generate(tiny_services.draft_addr, PROMPTS[0], budget,
-                          StoppingParams(max_new_tokens=40, stop_strings=("never-there", stop), ignore_eos=True))
+                          StoppingParams(max_new_tokens=40, stop_strings=("never-there", stop), ignore_eos=True),
+                          max_branches)
     assert result.finish_reason == FinishReason.STOP
     assert result.token_ids == reference[:needed]
     assert result.text == full_text[:cut]
@@ -84,5 +88,6 @@ def test_draft_of_another_architecture_is_still_lossless(tmp_path):
     pair = save_pair(tmp_path, "llama", draft_arch="gpt2")
     expected = reference_greedy(pair.target, PROMPTS[1], 30, eos_token_id=2)
     with running_pair(pair.target_dir, pair.draft_dir) as services:
-        result = duo_generate(services.draft_addr, PROMPTS[1], 4, StoppingParams(max_new_tokens=30))
-    assert result.token_ids == expected
+        for max_branches in (1, 3):
+            result = duo_generate(services.draft_addr, PROMPTS[1], 4, StoppingParams(max_new_tokens=30), max_branches)
+            assert result.token_ids == expected, max_branches

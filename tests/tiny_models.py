@@ -30,18 +30,18 @@ def word_tokenizer(vocab_size: int = VOCAB_SIZE, extra_word: str | None = None) 
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def build_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def build_model(arch: str, seed: int = 0, context: int = 256) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=1.0,
+            num_key_value_heads=2, max_position_embeddings=context, initializer_range=1.0,
             bos_token_id=1, eos_token_id=DEFAULT_EOS, pad_token_id=0,
         )
         return LlamaForCausalLM(config).eval()
     if arch == "gpt2":
         config = GPT2Config(
-            vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=1.0,
+            vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=context, initializer_range=1.0,
             bos_token_id=1, eos_token_id=DEFAULT_EOS, pad_token_id=0,
         )
         return GPT2LMHeadModel(config).eval()
@@ -69,13 +69,13 @@ class ModelPair:
 
 
 def save_pair(root: Path, target_arch: str, draft_arch: str | None = None, eos_token_id: int = DEFAULT_EOS,
-              draft_tokenizer: PreTrainedTokenizerFast | None = None) -> ModelPair:
+              draft_tokenizer: PreTrainedTokenizerFast | None = None, context: int = 256) -> ModelPair:
     """Save a target and its perturbed draft (same architecture unless ``draft_arch``) with a tokenizer."""
-    target = build_model(target_arch)
+    target = build_model(target_arch, context=context)
     if draft_arch is None or draft_arch == target_arch:
         draft = perturbed_copy(target, NOISE[target_arch])
     else:
-        draft = build_model(draft_arch, seed=7)
+        draft = build_model(draft_arch, seed=7, context=context)
     tokenizer = word_tokenizer()
     for model, name, tok in ((target, "target", tokenizer), (draft, "draft", draft_tokenizer or tokenizer)):
         model.generation_config.eos_token_id = eos_token_id

@@ -9,7 +9,8 @@ import click
 from duo_common.default_models import DEFAULT_TARGET
 from duo_common.models import load_causal_lm
 from duo_common.rpc import ServiceServer
-from duo_common.serve_cli import announce_port, common_serve_options, setup_process
+from duo_common.metrics import ServiceMetrics
+from duo_common.serve_cli import ServeSettings, announce_port, common_serve_options, setup_process, start_metrics
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
@@ -24,29 +25,32 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_TARGET, show_default=True, envvar="DUO_VERIFY_MODEL",
+@click.option("--model", default=DEFAULT_TARGET, show_default=True, envvar="DUO_VERIFY_MODEL", show_envvar=True,
               help="Target model: hub id, local folder or builtin name.")
-@click.option("--device", default="auto", show_default=True, envvar="DUO_VERIFY_DEVICE",
+@click.option("--device", default="auto", show_default=True, envvar="DUO_VERIFY_DEVICE", show_envvar=True,
               help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, envvar="DUO_VERIFY_DTYPE", help="auto: bfloat16 on CUDA, float32 on CPU.")
+              show_default=True, envvar="DUO_VERIFY_DTYPE", show_envvar=True,
+              help="auto: bfloat16 on CUDA, float32 on CPU.")
 @click.option("--max-tree-nodes", type=click.IntRange(1, 1024), default=64, show_default=True,
-              envvar="DUO_VERIFY_MAX_TREE_NODES", help="Largest proposal accepted per round.")
+              envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
 @common_serve_options("DUO_VERIFY")
-def serve(model, device, dtype, max_tree_nodes, host, port, threads, max_sessions, grace_s, port_file, log_level):
+def serve(model, device, dtype, max_tree_nodes, settings: ServeSettings):
     """Serve the Verifier RPCs."""
-    setup_process(threads, log_level)
-    servicer = VerifierServicer(SessionRegistry(max_sessions))
-    server = ServiceServer(["duo.v1.Verifier"])
+    setup_process(settings)
+    metrics = ServiceMetrics("verify")
+    servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions), metrics)
+    server = ServiceServer(["duo.v1.Verifier"], settings.server, metrics)
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
-    bound = server.bind(f"{host}:{port}")
+    bound = server.bind(settings.address())
     server.start()
-    announce_port(port_file, bound)  # readiness is health's job; the port is known now
-    log.info("listening on %s:%d; loading %s", host, bound, model)
+    announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
+    start_metrics(settings, metrics)
+    log.info("listening on %s:%d%s; loading %s", settings.host, bound, " (TLS)" if settings.server.tls else "", model)
     servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype), max_tree_nodes))
     server.mark_serving()
     log.info("serving")
-    server.serve_until_signal(grace_s)
+    server.serve_until_signal(settings.grace_s)
 
 
 if __name__ == "__main__":

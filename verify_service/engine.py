@@ -2,8 +2,9 @@
 
 The KV cache holds every committed token but the last (the *pending* token, committed by the previous
 verdict and fed at the front of the next forward). A proposal is scored as [pending, node_1 .. node_n]:
-a chain with the plain causal mask, a tree with an ancestor mask and depth-based positions. Afterwards
-the cache keeps the pending token and the accepted path only.
+a chain with the plain causal mask, a tree with an ancestor mask and depth-based positions (when the
+model passed the tree-attention self-check at load; otherwise it takes chains only). Afterwards the cache
+keeps the pending token and the accepted path only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from duo_common.models import LoadedModel, select_cache_positions, truncate_cach
 from duo_common.params import DecodingParams
 from duo_common.sampling import logits_to_probs, make_generator, sample
 from duo_common.tree import TokenTree
+from duo_common.tree_attention import supports_tree_attention, tree_attention_inputs
 
 
 @dataclass
@@ -48,9 +50,11 @@ class VerifyOutcome:
 class TargetVerifier:
     """Owns the target model; sessions share it, one forward pass at a time."""
 
-    def __init__(self, loaded: LoadedModel, max_tree_nodes: int = 64):
+    def __init__(self, loaded: LoadedModel, max_tree_nodes: int = 64, tree_attention: bool | None = None):
         self.model = loaded.model
-        self.info = replace(loaded.info, max_tree_nodes=max_tree_nodes)
+        if tree_attention is None:
+            tree_attention = supports_tree_attention(loaded.model)
+        self.info = replace(loaded.info, max_tree_nodes=max_tree_nodes, tree_attention=tree_attention)
         self.max_tree_nodes = max_tree_nodes
         self._device = next(self.model.parameters()).device
         self._forward_lock = threading.Lock()
@@ -75,6 +79,11 @@ class TargetVerifier:
 
     def verify(self, session: TargetSession, tree: TokenTree) -> VerifyOutcome:
         tree.validate(self.info.vocab_size, self.max_tree_nodes)
+        if not tree.is_chain and not self.info.tree_attention:
+            raise InvalidArgument(
+                "this verifier's model cannot take a tree attention mask (ModelInfo.tree_attention is false): "
+                "propose chains"
+            )
         if not session.params.is_greedy and len(tree) and tree.draft_probs is None:
             raise InvalidArgument("sampled decoding needs a draft distribution for every proposed node")
         if session.cached_tokens + 1 + len(tree) > self.info.max_context_tokens:
@@ -119,10 +128,3 @@ class TargetVerifier:
         if bad:
             raise InvalidArgument(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
 
-
-def tree_attention_inputs(tree: TokenTree, past: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """A 4D additive mask [1, 1, n+1, past+n+1] and position ids for [root, nodes] after ``past`` positions."""
-    visible = torch.cat([torch.ones(len(tree) + 1, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
-    positions = torch.tensor([past] + [past + depth for depth in tree.depths()], dtype=torch.long)
-    return {"attention_mask": mask[None, None].to(device), "position_ids": positions[None].to(device)}

@@ -7,6 +7,7 @@ import uuid
 
 from duo_common import codec
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo_common.metrics import ServiceMetrics
 from duo_common.rpc import translate_errors
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2 as pb
@@ -17,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class VerifierServicer(duo_pb2_grpc.VerifierServicer):
-    def __init__(self, sessions: SessionRegistry):
+    def __init__(self, sessions: SessionRegistry, metrics: ServiceMetrics | None = None):
         self._loaded: TargetVerifier | None = None
         self._sessions = sessions
+        self._metrics = metrics or ServiceMetrics("verify")
 
     def attach(self, verifier: TargetVerifier) -> None:
         """Start serving with a loaded model (the server is up, answering UNAVAILABLE, while it loads)."""
@@ -44,25 +46,31 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
         vocab_size = self._verifier.info.vocab_size
         prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
         params = codec.decoding_from_pb(opening.open.decoding)
-        with self._sessions.hold(session_id):
+        metrics = self._metrics
+        with self._sessions.hold(session_id), metrics.sessions_active.track_inprogress():
+            metrics.sessions_total.inc()
             prefill = self._verifier.open(prompt, params)
+            metrics.prefill_seconds.observe(prefill.compute_s)
             log.info("session %s: prefilled %d tokens in %.3f s", session_id, len(prompt), prefill.compute_s)
             yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s))
             expected_round = 1
-            for request in request_iterator:
-                if request.WhichOneof("message") != "proposal":
-                    raise FailedPrecondition(f"session {session_id}: expected a Proposal, got {request.WhichOneof('message')}")
-                if request.proposal.round != expected_round:
-                    raise InvalidArgument(
-                        f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
-                    )
-                tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
-                outcome = self._verifier.verify(prefill.session, tree)
-                yield pb.VerifyResponse(verdict=pb.Verdict(
-                    round=expected_round,
-                    accepted_node_indices=list(outcome.acceptance.accepted_nodes),
-                    next_token_id=outcome.acceptance.next_token,
-                    compute_s=outcome.compute_s,
-                ))
-                expected_round += 1
-            log.info("session %s: closed after %d rounds", session_id, expected_round - 1)
+            try:
+                for request in request_iterator:
+                    if request.WhichOneof("message") != "proposal":
+                        raise FailedPrecondition(f"session {session_id}: expected a Proposal, got {request.WhichOneof('message')}")
+                    if request.proposal.round != expected_round:
+                        raise InvalidArgument(
+                            f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
+                        )
+                    tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
+                    outcome = self._verifier.verify(prefill.session, tree)
+                    metrics.record_verdict(len(tree), len(outcome.acceptance.accepted_nodes), outcome.compute_s)
+                    yield pb.VerifyResponse(verdict=pb.Verdict(
+                        round=expected_round,
+                        accepted_node_indices=list(outcome.acceptance.accepted_nodes),
+                        next_token_id=outcome.acceptance.next_token,
+                        compute_s=outcome.compute_s,
+                    ))
+                    expected_round += 1
+            finally:  # also when the drafter cancels the stream, its normal way to end a session
+                log.info("session %s: ended after %d rounds", session_id, expected_round - 1)

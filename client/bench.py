@@ -1,0 +1,219 @@
+"""``duo-client bench``: duo against HF baselines on the same models, cores and prompts, in one run.
+
+Systems, run in turn for every prompt (alternating, so drift in machine load hits all alike):
+  hf-generate      HF ``generate`` of the target alone, greedy (torch threads = duo's two services together)
+  hf-assisted      HF assisted generation with the same draft model
+  duo-nospec       duo with speculation off: the target alone through the verify service
+  duo-fixed        duo with a fixed draft budget
+  duo-sequential   duo with a fixed budget and drafting only after each verdict (no overlap)
+  duo-auto         duo with the latency-aware budget
+Greedy outputs of all systems must be identical; the report says where they are not.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from client.budget import AdaptiveBudget
+from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
+from duo_common.params import StoppingParams
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
+ALL_SYSTEMS = ("hf-generate", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential", "duo-auto")
+
+
+@dataclass
+class Run:
+    """One system on one prompt."""
+
+    system: str
+    prompt_index: int
+    token_ids: list[int]
+    total_s: float
+    ttft_s: float
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    draft_s_per_round: float = 0.0
+    verify_s_per_round: float = 0.0
+    network_s_per_round: float = 0.0
+
+
+@dataclass
+class SystemSummary:
+    system: str
+    tokens_per_s: float
+    ratio_to_hf_generate: float
+    ttft_s: float
+    mean_committed_per_round: float | None
+    acceptance_rate: float | None
+    overlap_efficiency: float | None
+    new_tokens: int
+    identical_to_reference: bool
+    runs: list[Run] = field(repr=False, default_factory=list)
+
+
+def load_prompts(path: Path | None, limit: int | None) -> list[str]:
+    lines = (path or DEFAULT_PROMPTS).read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return prompts[:limit] if limit else prompts
+
+
+class HfBaselines:
+    """The target (and draft) loaded in this process, for HF generate and assisted generation."""
+
+    def __init__(self, target_path: str, draft_path: str, threads: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(target_path)
+        self.target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+        self.draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
+
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt)["input_ids"]
+
+    def run(self, system: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+        """New token ids, total seconds, seconds to the first new token."""
+        streamer = _FirstTokenClock()
+        extra = {"assistant_model": self.draft} if system == "hf-assisted" else {}
+        started = time.perf_counter()
+        streamer.started = started
+        with torch.inference_mode():
+            output = self.target.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                          do_sample=False, streamer=streamer, **extra)
+        total = time.perf_counter() - started
+        return output[0, len(prompt_ids):].tolist(), total, (streamer.first_at or started + total) - started
+
+
+class _FirstTokenClock:
+    """A generate() streamer that only notes when the first new token arrives."""
+
+    def __init__(self):
+        self.started = 0.0
+        self.first_at: float | None = None
+        self._calls = 0
+
+    def put(self, value) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first_at is None:  # the first call carries the prompt
+            self.first_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def duo_run(system: str, orchestrator: Orchestrator, prompt_ids: list[int], max_new_tokens: int,
+            fixed_budget: int) -> GenerationResult:
+    policies: dict[str, Callable] = {
+        "duo-nospec": lambda: FixedBudget(0),
+        "duo-fixed": lambda: FixedBudget(fixed_budget),
+        "duo-sequential": lambda: FixedBudget(fixed_budget),
+        "duo-auto": AdaptiveBudget,
+    }
+    request = GenerationRequest(prompt_ids=tuple(prompt_ids),
+                                stopping=StoppingParams(max_new_tokens=max_new_tokens),
+                                sequential=system == "duo-sequential")
+    return orchestrator.generate(request, policies[system]())
+
+
+def run_from_result(system: str, index: int, result: GenerationResult) -> Run:
+    rounds = result.rounds
+    count = max(len(rounds), 1)
+    return Run(
+        system=system, prompt_index=index, token_ids=result.token_ids, total_s=result.total_s,
+        ttft_s=result.ttft_s, rounds=len(rounds),
+        drafted=sum(r.proposal_size for r in rounds), accepted=sum(r.accepted_size for r in rounds),
+        draft_s_per_round=sum(r.draft_compute_s for r in rounds) / count,
+        verify_s_per_round=sum(r.verify_compute_s for r in rounds) / count,
+        network_s_per_round=sum(max(0.0, r.verify_round_trip_s - r.verify_compute_s) for r in rounds) / count,
+    )
+
+
+def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
+    """Aggregate per system; the reference output is the first system's (HF generate when present)."""
+    reference = {run.prompt_index: run.token_ids for run in runs if run.system == systems[0]}
+    base_rate = None
+    summaries = []
+    for system in systems:
+        mine = [run for run in runs if run.system == system]
+        new_tokens = sum(len(run.token_ids) for run in mine)
+        total_s = sum(run.total_s for run in mine)
+        rate = new_tokens / total_s if total_s else 0.0
+        base_rate = base_rate or rate
+        rounds = sum(run.rounds for run in mine)
+        drafted = sum(run.drafted for run in mine)
+        summaries.append(SystemSummary(
+            system=system,
+            tokens_per_s=rate,
+            ratio_to_hf_generate=rate / base_rate if base_rate else 0.0,
+            ttft_s=statistics.mean(run.ttft_s for run in mine),
+            mean_committed_per_round=(sum(len(r.token_ids) - 1 for r in mine) / rounds) if rounds else None,
+            acceptance_rate=(sum(run.accepted for run in mine) / drafted) if drafted else None,
+            overlap_efficiency=_overlap_efficiency(mine) if rounds else None,
+            new_tokens=new_tokens,
+            identical_to_reference=all(run.token_ids == reference.get(run.prompt_index) for run in mine),
+            runs=mine,
+        ))
+    return summaries
+
+
+def _overlap_efficiency(runs: list[Run]) -> float:
+    """Measured decode tokens/s ÷ the bound τ / max(T_draft, T_verify + RTT), over all rounds."""
+    rounds = sum(run.rounds for run in runs)
+    committed = sum(len(run.token_ids) - 1 for run in runs)
+    decode_s = sum(run.total_s - run.ttft_s for run in runs)
+    tau = committed / rounds
+    draft_s = sum(run.draft_s_per_round * run.rounds for run in runs) / rounds
+    verify_s = sum((run.verify_s_per_round + run.network_s_per_round) * run.rounds for run in runs) / rounds
+    bound = tau / max(draft_s, verify_s)
+    return (committed / decode_s) / bound if decode_s > 0 and bound > 0 else 0.0
+
+
+def format_table(summaries: list[SystemSummary]) -> str:
+    header = f"{'system':<16}{'tok/s':>8}{'× HF':>7}{'TTFT ms':>9}{'tok/round':>10}{'accept':>8}{'overlap':>9}  same"
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        lines.append(
+            f"{s.system:<16}{s.tokens_per_s:>8.2f}{s.ratio_to_hf_generate:>7.2f}{s.ttft_s * 1000:>9.0f}"
+            f"{_opt(s.mean_committed_per_round, '.2f'):>10}{_opt(s.acceptance_rate, '.0%'):>8}"
+            f"{_opt(s.overlap_efficiency, '.2f'):>9}  {'yes' if s.identical_to_reference else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def _opt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_json(path: Path, summaries: list[SystemSummary], meta: dict) -> None:
+    payload = {"meta": meta, "systems": [asdict(s) for s in summaries]}
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def save_chart(path: Path, summaries: list[SystemSummary], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    names = [s.system for s in summaries]
+    axis.bar(names, [s.tokens_per_s for s in summaries], color="#4a7bb7")
+    for index, s in enumerate(summaries):
+        axis.text(index, s.tokens_per_s, f"{s.ratio_to_hf_generate:.2f}×", ha="center", va="bottom")
+    axis.set_ylabel("tokens / s")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

@@ -1,0 +1,196 @@
+"""The draft model's side of one session: token trees that continue the committed sequence.
+
+KV layout: the cache holds the committed tokens fed so far (``fed``), then every node of the draft tree in
+drafting order (node i at slot fed + i). Each growth step feeds a batch of new nodes in one forward pass,
+each seeing the committed prefix, its own ancestors and itself (a tree attention mask; a batch that just
+extends a chain needs none). When the verifier commits tokens, the nodes along them join the committed
+prefix and, if the committed tokens end on a drafted node, that node's subtree is kept: the cache keeps
+exactly those slots (``select_cache_positions``), or is cropped to the common prefix. It is never
+re-prefilled. With ``max_branches`` 1 the tree is a chain and this is plain chain drafting.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+from draft_service.draft_tree import MAX_WIDTH, DraftTree, RankAcceptance
+from duo_common.models import select_cache_positions, truncate_cache
+from duo_common.params import DecodingParams
+from duo_common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
+from duo_common.tree import ROOT, TokenTree
+from duo_common.tree_attention import attention_inputs
+
+
+class TreeDrafter:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: DecodingParams,
+        target_vocab_size: int,
+        stop_token_ids: frozenset[int],
+        max_tokens: int,
+        max_branches: Callable[[], int] = lambda: 1,
+        tree_attention: bool = False,
+    ):
+        self._model = model
+        self._device = next(model.parameters()).device
+        self._params = params
+        self._generator = make_generator(derived_seed(params.seed, "draft"))
+        self._target_vocab_size = target_vocab_size
+        self._stop_token_ids = stop_token_ids  # drafting past these is wasted work
+        self._max_tokens = max_tokens  # longest sequence the drafter may build (context limit)
+        self._max_branches = max_branches
+        self._tree_attention = tree_attention  # False: the draft model takes no custom mask, chains only
+        self._cache = DynamicCache(config=model.config)
+        self._committed: list[int] = []
+        self._fed = 0  # committed tokens in the cache; the tree's nodes follow them
+        self._tree = DraftTree()
+        self._proposed: set[int] = set()  # the last proposal's nodes (to learn rank acceptance from the verdict)
+        self._ranks = RankAcceptance()
+        self.compute_s = 0.0
+        self.tokens_drafted = 0
+
+    @property
+    def width(self) -> int:
+        """Children per node this round: the session's max_branches, 1 without tree attention."""
+        return max(1, min(self._max_branches(), MAX_WIDTH)) if self._tree_attention else 1
+
+    @property
+    def tree_size(self) -> int:
+        return len(self._tree)
+
+    def prefill(self, prompt: list[int]) -> None:
+        """Feed the prompt ahead of time (overlapping the target's prefill)."""
+        self.commit(list(prompt))
+        self.grow()
+
+    def commit(self, committed: list[int]) -> None:
+        """Adopt the committed sequence, keeping the drafted nodes that still lie on or below it."""
+        started = time.perf_counter()
+        previous = self._committed
+        extends = committed[: len(previous)] == previous and self._fed == len(previous)
+        if extends and len(committed) > len(previous):
+            new = committed[len(previous):]
+            self._tree.observe(self._proposed, new, self._ranks)
+            path = self._tree.descend(new)
+            kept = path + (self._tree.subtree(path[-1]) if len(path) == len(new) else [])
+            select_cache_positions(self._cache, self._fed, torch.tensor([self._fed + i for i in kept], dtype=torch.long))
+            self._tree = self._tree.rerooted(path[-1]) if kept and len(path) == len(new) else DraftTree()
+            self._fed += len(path)
+        elif not extends:
+            common = _common_prefix(previous[: self._fed], committed)
+            truncate_cache(self._cache, common)
+            self._fed = common
+            self._tree = DraftTree()
+        self._committed = list(committed)
+        self._proposed = set()
+        self.compute_s += time.perf_counter() - started
+
+    def propose(self, max_nodes: int) -> TokenTree:
+        """The best tree of at most ``max_nodes`` nodes after the committed sequence, drafting what is missing."""
+        while len(self._tree.select(max_nodes, self.width)) < max_nodes and self.grow():
+            pass
+        chosen = self._tree.select(max_nodes, self.width)
+        self._proposed = set(chosen)
+        return self._tree.proposal(chosen, with_probs=not self._params.is_greedy)
+
+    def grow_ahead(self, target_nodes: int) -> bool:
+        """Draft ahead (while the verifier works) until the tree holds ``target_nodes`` × width nodes."""
+        return len(self._tree) < target_nodes * self.width and self.grow()
+
+    def grow(self) -> bool:
+        """One forward pass: feed committed tokens not yet fed, else the best candidates. False: nothing to do."""
+        started = time.perf_counter()
+        try:
+            if self._fed < len(self._committed):
+                tail = self._committed[self._fed:]
+                logits = self._forward(tail, None)
+                self._fed = len(self._committed)
+                self._tree.set_next_probs(ROOT, self._probs(logits[-1]))
+                return True
+            if self._tree.root_probs is None:
+                return False
+            return self._grow_tree()
+        finally:
+            self.compute_s += time.perf_counter() - started
+
+    def _grow_tree(self) -> bool:
+        width = self.width
+        chosen = self._tree.next_batch(width, self._expandable, self._ranks)
+        added = []
+        for candidate in sorted(chosen, key=lambda c: (c.parent, c.rank)):
+            siblings = [self._tree.nodes[child].token for child in self._tree.children(candidate.parent)]
+            distribution = without_tokens(self._tree.next_probs(candidate.parent), siblings)
+            if distribution is None:
+                continue  # no probability left for another sibling
+            if self._params.is_greedy:
+                token, draft_probs = int(distribution.argmax()), None
+            else:
+                token, draft_probs = sample(distribution, self._generator), distribution
+            # the prior, never the drawn token's probability: a node's fate must not depend on its own token
+            added.append(self._tree.add(candidate.parent, token, candidate.prior, draft_probs))
+        if not added:
+            return False
+        logits = self._forward([self._tree.nodes[node].token for node in added], added)
+        for row, node in enumerate(added):
+            self._tree.set_next_probs(node, self._probs(logits[row]))
+        self.tokens_drafted += len(added)
+        return True
+
+    def _expandable(self, node: int) -> bool:
+        token = self._committed[-1] if node == ROOT else self._tree.nodes[node].token
+        if node != ROOT and token in self._stop_token_ids:
+            return False
+        return len(self._committed) + self._tree.depth(node) < self._max_tokens
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's distribution for the next token: what it samples from (sampling), or its softmax
+        (greedy: the drafted tokens are its top choices; the softmax's top probability buckets confidence)."""
+        logits = _pad_vocab(logits, self._target_vocab_size)
+        if self._params.is_greedy:
+            return torch.softmax(logits, dim=-1)
+        return logits_to_probs(logits, self._params)
+
+    def _forward(self, tokens: list[int], nodes: list[int] | None) -> torch.Tensor:
+        """Logits [len(tokens), vocab] (float32, CPU); ``nodes``: the tree nodes being fed (None: committed)."""
+        kwargs = {}
+        if nodes is not None and not self._extends_chain(nodes):
+            kwargs = self._tree_inputs(nodes)
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
+        with torch.inference_mode():
+            output = self._model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, **kwargs)
+        return output.logits[0].float().cpu()
+
+    def _extends_chain(self, nodes: list[int]) -> bool:
+        """One new node below all the others: the plain causal mask is already right."""
+        return len(nodes) == 1 and len(self._tree.ancestors(nodes[0])) == len(self._tree)
+
+    def _tree_inputs(self, nodes: list[int]) -> dict:
+        first = len(self._tree) - len(nodes)  # the new nodes are the last ones
+        visible = torch.zeros(len(nodes), self._fed + len(self._tree), dtype=torch.bool)
+        visible[:, : self._fed] = True
+        positions = []
+        for row, node in enumerate(nodes):
+            assert node == first + row
+            visible[row, [self._fed + ancestor for ancestor in self._tree.ancestors(node)]] = True
+            positions.append(len(self._committed) - 1 + self._tree.depth(node))
+        return attention_inputs(visible, torch.tensor(positions, dtype=torch.long), self._model.dtype, self._device)
+
+
+def _pad_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Give draft logits the target's vocabulary size (padding ids the draft cannot produce)."""
+    if logits.shape[-1] >= vocab_size:
+        return logits[..., :vocab_size]
+    return torch.cat([logits, logits.new_full((vocab_size - logits.shape[-1],), float("-inf"))])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    length = min(len(a), len(b))
+    for index in range(length):
+        if a[index] != b[index]:
+            return index
+    return length
