@@ -166,8 +166,10 @@ def _print_stats(result: GenerationResult) -> None:
 @click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True)
 @click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
-def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, chat, warmup, json_out, chart, draft_addr,
-          target_model, draft_model, verify_threads, draft_threads):
+@click.option("--hf-threads", type=click.IntRange(1), default=None,
+              help="torch threads of the HF baselines (default: verify + draft threads, duo's cores).")
+def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, chat, warmup, json_out, chart,
+                  draft_addr, target_model, draft_model, verify_threads, draft_threads, hf_threads):
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
     from duo_common.default_models import resolve_model
 
@@ -177,8 +179,8 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ch
         raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(bench.ALL_SYSTEMS)}",
                                  param_hint="--systems")
     prompts = bench.load_prompts(prompts_file, limit)
-    baselines = bench.HfBaselines(resolve_model(target_model), resolve_model(draft_model),
-                                  threads=verify_threads + draft_threads)
+    hf_threads = hf_threads or verify_threads + draft_threads
+    baselines = bench.HfBaselines(resolve_model(target_model), resolve_model(draft_model), threads=hf_threads)
     prompt_ids = [baselines.encode(prompt, chat) for prompt in prompts]
     runs: list[bench.Run] = []
     with contextlib.ExitStack() as stack:
@@ -211,7 +213,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ch
     click.echo(bench.format_table(summaries))
     meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
             "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
-            "hf_threads": verify_threads + draft_threads, "fixed_budget": fixed_budget,
+            "hf_threads": hf_threads, "fixed_budget": fixed_budget,
             "draft_addr": draft_addr}
     if json_out:
         bench.write_json(json_out, summaries, meta)

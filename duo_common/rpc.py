@@ -30,8 +30,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode[exc.status], str(exc)
     if isinstance(exc, grpc.RpcError):
         if callable(getattr(exc, "code", None)):
-            # An error of a call this service made (drafter → verifier): relay its status.
-            return exc.code(), f"upstream: {exc.details()}"
+            # An error of the call the drafter made to the verifier: relay its status, say where it came from.
+            return exc.code(), f"verify service: {exc.code().name}: {exc.details()}"
         # Our own request stream broke: the peer cancelled or went away. Nothing to report.
         return grpc.StatusCode.CANCELLED, "the caller cancelled the call"
     log.error("internal error", exc_info=exc)

@@ -27,13 +27,13 @@ class RunningPair:
 
 @contextlib.contextmanager
 def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, options: ServerOptions | None = None,
-                  metrics: ServiceMetrics | None = None) -> Iterator[tuple[str, SessionRegistry]]:
+                  metrics: ServiceMetrics | None = None, port: int = 0) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
     sessions = SessionRegistry(options.max_sessions)
     servicer = VerifierServicer(sessions, metrics)
     server = ServiceServer(["duo.v1.Verifier"], options, metrics)
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
-    port = server.bind("127.0.0.1:0")
+    port = server.bind(f"127.0.0.1:{port}")
     server.start()
     servicer.attach(TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32"), max_tree_nodes))
     server.mark_serving()

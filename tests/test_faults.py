@@ -1,0 +1,46 @@
+"""Faults: when the verify service goes away mid-generation, the caller gets UNAVAILABLE with a message
+that says so, the draft service frees the session and keeps serving once a verifier is back."""
+
+import time
+
+import grpc
+
+from protos import duo_pb2 as pb
+from protos import duo_pb2_grpc
+from tests.inprocess import draft_server, verify_server
+from tests.tiny_models import save_pair
+
+
+def long_request():
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 9]), budget=pb.DraftBudget(max_draft_tokens=2),
+                              stopping=pb.StoppingParams(max_new_tokens=1500, ignore_eos=True))
+
+
+def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_path):
+    pair = save_pair(tmp_path, "llama", context=2048)
+    verify_cm = verify_server(pair.target_dir)
+    verify_addr, _ = verify_cm.__enter__()
+    port = verify_addr.rsplit(":", 1)[1]
+    with draft_server(pair.draft_dir, verify_addr) as (draft_addr, draft_sessions):
+        with grpc.insecure_channel(draft_addr) as channel:
+            stub = duo_pb2_grpc.DrafterStub(channel)
+            events = iter(stub.Generate(long_request(), timeout=60))
+            next(events), next(events)
+            verify_cm.__exit__(None, None, None)  # the verifier goes away mid-session
+            try:
+                for _ in events:
+                    pass
+                raise AssertionError("the generation should have failed")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                assert "verify service" in exc.details()
+            deadline = time.monotonic() + 10
+            while len(draft_sessions) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(draft_sessions) == 0
+            # A verifier comes back on the same address: the drafter serves again.
+            with verify_server(pair.target_dir, port=int(port)):
+                done = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5]),
+                                                             stopping=pb.StoppingParams(max_new_tokens=5)),
+                                          timeout=60))
+            assert done[-1].finished.stats.new_tokens == 5
