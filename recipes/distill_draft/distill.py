@@ -21,6 +21,7 @@ repository root. The target folder comes from ``duo_common.default_models.defaul
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -200,7 +201,7 @@ def draft_config(target_config, draft_cfg: dict) -> LlamaConfig:
         rms_norm_eps=target_config.rms_norm_eps,
         rope_parameters=dict(target_config.rope_parameters),
         hidden_act=target_config.hidden_act,
-        tie_word_embeddings=True,
+        tie_word_embeddings=draft_cfg["tie_word_embeddings"],
         bos_token_id=target_config.bos_token_id,
         eos_token_id=target_config.eos_token_id,
         pad_token_id=target_config.pad_token_id,
@@ -209,21 +210,83 @@ def draft_config(target_config, draft_cfg: dict) -> LlamaConfig:
     )
 
 
-def svd_embedding(target_embedding: torch.Tensor, width: int) -> torch.Tensor:
-    """The target's embedding rows projected on their top ``width`` principal directions (uncentred SVD)."""
-    _, _, v_transposed = torch.linalg.svd(target_embedding.double(), full_matrices=False)
-    projected = target_embedding.double() @ v_transposed[:width].T
-    return (projected / projected.std() * target_embedding.double().std()).float()
+@torch.no_grad()
+def next_token_states(target, prefix_ids: list[int], batch_size: int) -> torch.Tensor:
+    """For every vocabulary token x, the target's final (normed) hidden state right after ``prefix + [x]``.
+
+    Multiplied by the target's output head these give the target's next-token logits after x alone: its
+    "bigram" knowledge of all 49,152 tokens, including the ones the generated answers never contain.
+    """
+    vocab = target.config.vocab_size
+    prefix_cache = DynamicCache()
+    target.model(input_ids=torch.tensor([prefix_ids]).repeat(batch_size, 1), past_key_values=prefix_cache,
+                 use_cache=True)
+    states = torch.empty(vocab, target.config.hidden_size)
+    for start in range(0, vocab, batch_size):
+        tokens = torch.arange(start, start + batch_size) % vocab
+        hidden = target.model(input_ids=tokens[:, None], past_key_values=copy.deepcopy(prefix_cache),
+                              use_cache=True).last_hidden_state[:, -1]
+        count = min(batch_size, vocab - start)
+        states[start:start + count] = hidden[:count].float()
+    return states
 
 
-def build_draft(target_dir: Path, draft_cfg: dict, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
+def cached_next_token_states(cfg: dict, target_dir: Path, tokenizer) -> torch.Tensor:
+    path = repo_path(cfg["cache_dir"]) / "next_token_states.pt"
+    if path.exists():
+        return torch.load(path)
+    draft_cfg = cfg["draft"]
+    prefix_ids = tokenizer(draft_cfg["next_token_prefix"], add_special_tokens=False)["input_ids"]
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[cfg["data"]["teacher_dtype"]]).eval()
+    started = time.time()
+    states = next_token_states(target, prefix_ids, draft_cfg["next_token_batch"])
+    log.info("target next-token states for %d tokens in %.0f s", len(states), time.time() - started)
+    torch.save(states, path)
+    return states
+
+
+def logit_basis(target_embedding: torch.Tensor, states: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-``width`` factorisation of the target's output layer, fitted to its real hidden states.
+
+    The target's logits are ``h @ E.T``. With ``R`` the Cholesky factor of the hidden states' second moment,
+    ``h @ E.T = (R^-1 h) @ (E R).T`` where ``R^-1 h`` is white; the top ``width`` right singular vectors ``W``
+    of ``E R`` then give the best rank-``width`` approximation of the logits in the mean-square sense.
+    Returns the draft's output head ``E R W`` (vocab, width) and the map ``h -> R^-1 h @ W`` as a matrix.
+    (Projecting on the embedding's own top singular vectors instead loses almost all of the argmax: the
+    hidden states live largely in the embedding's low-variance directions.)
+    """
+    second_moment = states.double().T @ states.double() / len(states)
+    cholesky = torch.linalg.cholesky(second_moment)
+    whitened_embedding = target_embedding.double() @ cholesky
+    _, _, right_vectors = torch.linalg.svd(whitened_embedding, full_matrices=False)
+    basis = right_vectors[:width].T
+    to_draft = torch.linalg.solve_triangular(cholesky.T, basis, upper=True)  # R^-T W, so h @ it = (R^-1 h) W
+    return (whitened_embedding @ basis).float(), to_draft.float()
+
+
+def build_draft(cfg: dict, target_dir: Path) -> LlamaForCausalLM:
+    """The draft, initialised from the target's output layer and its next-token hidden states.
+
+    The output head is a rank-``hidden_size`` factorisation of the target's output layer (``logit_basis``).
+    With untied embeddings each input row is the target's hidden state after the token, mapped into the
+    draft's space, and the final norm is scaled to the target's logit scale, so before any training the
+    draft already approximates what the target predicts from the last token alone.
+    """
+    draft_cfg = cfg["draft"]
+    width = draft_cfg["hidden_size"]
+    torch.manual_seed(cfg["seed"])
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
     draft = LlamaForCausalLM(draft_config(target.config, draft_cfg))
-    if draft_cfg["init_embedding"] == "svd":
-        embedding = svd_embedding(target.get_input_embeddings().weight.detach(), draft_cfg["hidden_size"])
-        draft.get_input_embeddings().weight.data.copy_(embedding)
-    draft.tie_weights()
+    target_embedding = target.get_input_embeddings().weight.detach()
+    states = cached_next_token_states(cfg, target_dir, AutoTokenizer.from_pretrained(target_dir))
+    head, to_draft = logit_basis(target_embedding, states, width)
+    draft_states = states @ to_draft
+    norms = draft_states.norm(dim=1)
+    row_norm = float(target_embedding.norm(dim=1).mean())
+    draft.lm_head.weight.data.copy_(head)
+    if not draft_cfg["tie_word_embeddings"]:
+        draft.get_input_embeddings().weight.data.copy_(draft_states / norms.mean() * row_norm)
+    draft.model.norm.weight.data.fill_(float(norms.mean()) / math.sqrt(width))
     return draft
 
 
@@ -264,23 +327,48 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     }
 
 
+def candidate_tokens(top_idx: torch.Tensor, vocab_size: int, negatives: int, generator: torch.Generator) -> torch.Tensor:
+    """The output rows scored this step: every token in the batch's teacher top-k plus random negatives.
+
+    Scoring only these rows (a sampled softmax) makes a training step several times cheaper than the full
+    49,152-way softmax; the random negatives, redrawn every step, keep pushing the other tokens down.
+    """
+    if negatives <= 0:
+        return torch.arange(vocab_size)
+    random_tokens = torch.randint(0, vocab_size, (negatives,), generator=generator)
+    return torch.unique(torch.cat([top_idx.reshape(-1), random_tokens]))
+
+
 def distillation_loss(draft_logits: torch.Tensor, top_idx: torch.Tensor, top_logit: torch.Tensor,
                       hard_label_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft cross-entropy against the target's renormalised top-k, plus CE on the target's argmax."""
+    """Soft cross-entropy against the target's renormalised top-k, plus CE on the target's argmax.
+
+    ``top_idx`` indexes the columns of ``draft_logits``; column 0 of the (sorted) top-k is the target's argmax.
+    """
     draft_log_probs = torch.log_softmax(draft_logits.float(), dim=-1)
     target_probs = torch.softmax(top_logit, dim=-1)
     draft_top = draft_log_probs.gather(1, top_idx)
     soft = -(target_probs * draft_top).sum(-1).mean()
-    hard = -draft_top[:, 0].mean()  # topk is sorted: column 0 is the target's argmax
+    hard = -draft_top[:, 0].mean()
     agreement = (draft_logits.argmax(-1) == top_idx[:, 0]).float().mean()
     return soft + hard_label_weight * hard, agreement
 
 
-def answer_logits(draft: LlamaForCausalLM, batch: dict) -> torch.Tensor:
-    """Draft logits at the answer positions only (the LM head is the expensive part)."""
+def answer_hidden(draft: LlamaForCausalLM, batch: dict) -> torch.Tensor:
+    """Final hidden states at the answer positions only (the output head is the expensive part)."""
     hidden = draft.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["flat_positions"]]
-    return draft.lm_head(hidden)
+    return hidden.reshape(-1, hidden.shape[-1])[batch["flat_positions"]]
+
+
+def training_loss(draft: LlamaForCausalLM, batch: dict, train_cfg: dict,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    candidates = candidate_tokens(batch["top_idx"], draft.config.vocab_size, train_cfg["candidate_negatives"],
+                                  generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg["autocast_bf16"]):
+        hidden = answer_hidden(draft, batch)
+        draft_logits = hidden @ draft.lm_head.weight[candidates].T
+    local_top_idx = torch.searchsorted(candidates, batch["top_idx"])
+    return distillation_loss(draft_logits, local_top_idx, batch["top_logit"], train_cfg["hard_label_weight"])
 
 
 def learning_rate_scale(step: int, total: int, warmup: int) -> float:
@@ -291,13 +379,16 @@ def learning_rate_scale(step: int, total: int, warmup: int) -> float:
 
 
 def make_optimizer(draft: LlamaForCausalLM, train_cfg: dict) -> torch.optim.Optimizer:
-    embedding = draft.get_input_embeddings().weight
-    others = [p for p in draft.parameters() if p is not embedding]
-    return torch.optim.AdamW(
-        [{"params": [embedding], "lr": train_cfg["embedding_learning_rate"]},
-         {"params": others, "lr": train_cfg["learning_rate"]}],
-        weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.98),
-    )
+    """AdamW with its own learning rate for the input embedding, the output head and the layers."""
+    input_embedding = draft.get_input_embeddings().weight
+    output_head = draft.lm_head.weight
+    groups = [{"params": [output_head], "lr": train_cfg["head_learning_rate"]}]
+    if input_embedding is not output_head:
+        groups.append({"params": [input_embedding], "lr": train_cfg["input_embedding_learning_rate"]})
+    special = {id(input_embedding), id(output_head)}
+    groups.append({"params": [p for p in draft.parameters() if id(p) not in special],
+                   "lr": train_cfg["learning_rate"]})
+    return torch.optim.AdamW(groups, weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.98))
 
 
 def stage_train(cfg: dict) -> None:
@@ -307,13 +398,13 @@ def stage_train(cfg: dict) -> None:
     if not records:
         raise SystemExit("no generated data; run --stage generate first")
     log.info("%d sequences, %d answer tokens", len(records), sum(len(r["topk_idx"]) for r in records))
-    target_dir = default_target_dir()
-    draft = build_draft(target_dir, cfg["draft"], cfg["seed"])
+    draft = build_draft(cfg, default_target_dir())
     draft.train()
     log.info("draft parameters: %.2fM", sum(p.numel() for p in draft.parameters()) / 1e6)
     optimizer = make_optimizer(draft, train_cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     rng = random.Random(cfg["seed"])
+    generator = torch.Generator().manual_seed(cfg["seed"])
     epochs = [make_batches(records, train_cfg["batch_sequences"], rng) for _ in range(train_cfg["epochs"])]
     total_steps = sum(len(e) for e in epochs)
     pad_id = draft.config.pad_token_id
@@ -325,10 +416,7 @@ def stage_train(cfg: dict) -> None:
             scale = learning_rate_scale(step, total_steps, train_cfg["warmup_steps"])
             for group, base_lr in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base_lr * scale
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg["autocast_bf16"]):
-                draft_logits = answer_logits(draft, batch)
-            loss, agreement = distillation_loss(draft_logits, batch["top_idx"], batch["top_logit"],
-                                                train_cfg["hard_label_weight"])
+            loss, agreement = training_loss(draft, batch, train_cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(draft.parameters(), train_cfg["grad_clip"])
@@ -339,7 +427,7 @@ def stage_train(cfg: dict) -> None:
             if step % train_cfg["log_every"] == 0:
                 log.info("epoch %d step %d/%d loss %.3f top1 agreement %.3f lr %.2e %.0f s", epoch, step,
                          total_steps, running_loss / train_cfg["log_every"],
-                         running_agreement / train_cfg["log_every"], base_lrs[1] * scale, time.time() - started)
+                         running_agreement / train_cfg["log_every"], base_lrs[-1] * scale, time.time() - started)
                 running_loss, running_agreement = 0.0, 0.0
     draft.eval()
     draft.save_pretrained(cache_dir / "draft_fp32")
