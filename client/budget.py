@@ -2,7 +2,7 @@
 
 From the timings each round reports, the controller keeps running estimates of
   draft_s_per_token   drafter compute per drafted token
-  verify_s(n)         verifier compute for a proposal of n nodes, fitted as base + per_node * n
+  verify_s(n)         verifier compute for a proposal of n nodes, measured per size
   network_s           round trip minus verifier compute (network, queues, serialisation)
   acceptance          per-token probability that the target accepts a draft token
 and picks the budget k maximising
@@ -11,6 +11,8 @@ and picks the budget k maximising
     ─────────────────────────────────── = ────────────────────────────────────────────────────
     expected seconds per round            hit * max(T_draft(k), RTT + T_verify(k))
                                           + (1 - hit) * (T_draft(k) + RTT + T_verify(k))
+
+over k = 0 (no speculation) .. max, with T_verify measured per proposal size (not assumed linear)
 
 where hit = a^(k+1) is the chance that the whole proposal and the drafter's guess of the target's next
 token are accepted — then the next proposal was drafted during verification and the round costs only the
@@ -30,10 +32,27 @@ class BudgetModel:
     """A snapshot of the estimates; ``best_budget`` and ``tokens_per_s`` are pure functions of it."""
 
     draft_s_per_token: float
-    verify_base_s: float
-    verify_s_per_node: float
+    verify_points: tuple[tuple[int, float], ...]  # (proposal size, verifier seconds), sizes ascending
     network_s: float
     acceptance: float
+
+    def verify_s(self, nodes: int) -> float:
+        """Verifier compute for a proposal of ``nodes``: measured, else linearly inter-/extrapolated.
+
+        Measured, not assumed linear: on a CPU the cost of a forward jumps from 1 to 2 tokens and then
+        flattens (matrix kernels change with the row count)."""
+        points = self.verify_points
+        if not points:
+            return 0.0
+        for size, seconds in points:
+            if size == nodes:
+                return seconds
+        if len(points) == 1:
+            return points[0][1]
+        below = [p for p in points if p[0] < nodes]
+        above = [p for p in points if p[0] > nodes]
+        (x0, y0), (x1, y1) = (below[-1], above[0]) if below and above else (points[-2:] if below else points[:2])
+        return max(0.0, y0 + (y1 - y0) * (nodes - x0) / (x1 - x0))
 
     def expected_committed(self, budget: int) -> float:
         a = min(max(self.acceptance, 0.0), 0.999)
@@ -41,14 +60,14 @@ class BudgetModel:
 
     def round_s(self, budget: int) -> float:
         draft_s = self.draft_s_per_token * budget
-        verify_s = self.network_s + self.verify_base_s + self.verify_s_per_node * budget
+        verify_s = self.network_s + self.verify_s(budget)
         hit = min(max(self.acceptance, 0.0), 1.0) ** (budget + 1)
         return hit * max(draft_s, verify_s) + (1 - hit) * (draft_s + verify_s)
 
     def tokens_per_s(self, budget: int) -> float:
         return self.expected_committed(budget) / max(self.round_s(budget), 1e-9)
 
-    def best_budget(self, max_budget: int, min_budget: int = 1) -> int:
+    def best_budget(self, max_budget: int, min_budget: int = 0) -> int:
         return max(range(min_budget, max_budget + 1), key=lambda k: (self.tokens_per_s(k), -k))
 
 
@@ -67,14 +86,19 @@ class _Ewma:
 class ControllerConfig:
     initial_budget: int = 4
     max_budget: int = 16
-    min_budget: int = 1
+    min_budget: int = 0  # 0 lets the controller switch speculation off where it does not pay
     smoothing: float = 0.2  # weight of the newest round in every running estimate
     prior_acceptance: float = 0.6
+    probe_every: int = 16  # rounds between probes of an unmeasured or abandoned option
     max_branches: int = 1  # tree width sent with every budget (1: chains); the model above assumes chains
 
 
 class AdaptiveBudget:
-    """A BudgetPolicy for the orchestrator: re-estimates after every round, adapts when latency changes."""
+    """A BudgetPolicy for the orchestrator: re-estimates after every round, adapts when latency changes.
+
+    It explores a little: once early on it verifies one round without a proposal (to measure what the
+    verifier costs alone), and while speculation is off it proposes again every ``probe_every`` rounds, so
+    its estimates of drafting and acceptance stay current."""
 
     def __init__(self, config: ControllerConfig = ControllerConfig()):
         self.config = config
@@ -84,8 +108,9 @@ class AdaptiveBudget:
         # Per-token acceptance as successes / trials: a proposal of k with a accepted tried a + [a < k] tokens.
         self._accepted = _Ewma(config.prior_acceptance, weight)
         self._tried = _Ewma(1.0, weight)
-        # verify_s(n) = base + per_node * n: running means of n, t, n*t, n*n for a weighted least-squares fit
-        self._n, self._t, self._nt, self._nn = (_Ewma(0.0, weight) for _ in range(4))
+        self._verify_s: dict[int, _Ewma] = {}  # proposal size → verifier seconds
+        self._rounds = 0
+        self._rounds_since_proposal = 0
         self.budget = config.initial_budget
 
     @property
@@ -96,32 +121,34 @@ class AdaptiveBudget:
         return self.budget
 
     def after_round(self, timings: RoundTimings) -> int | None:
+        self._observe(timings)
+        if self._draft_s_per_token.samples == 0:
+            return None
+        best = self.model().best_budget(self.config.max_budget, self.config.min_budget)
+        if self.config.min_budget == 0 and 0 not in self._verify_s and self._rounds >= 2:
+            best = 0  # measure the verifier alone once
+        elif best == 0 and self._rounds_since_proposal >= self.config.probe_every:
+            best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
+        self.budget = best
+        return self.budget
+
+    def _observe(self, timings: RoundTimings) -> None:
+        self._rounds += 1
+        self._rounds_since_proposal = 0 if timings.proposal_size else self._rounds_since_proposal + 1
         if timings.draft_tokens > 0:
             self._draft_s_per_token.update(timings.draft_compute_s / timings.draft_tokens)
         self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
-        n, t = float(timings.proposal_size), timings.verify_compute_s
-        for estimate, sample in ((self._n, n), (self._t, t), (self._nt, n * t), (self._nn, n * n)):
-            estimate.update(sample)
+        estimate = self._verify_s.setdefault(timings.proposal_size, _Ewma(timings.verify_compute_s, self.config.smoothing))
+        estimate.update(timings.verify_compute_s)
         if timings.proposal_size > 0:
             rejected = 1 if timings.accepted_size < timings.proposal_size else 0
             self._accepted.update(timings.accepted_size)
             self._tried.update(timings.accepted_size + rejected)
-        if self._draft_s_per_token.samples == 0:
-            return None
-        self.budget = self.model().best_budget(self.config.max_budget, self.config.min_budget)
-        return self.budget
 
     def model(self) -> BudgetModel:
-        variance = self._nn.value - self._n.value**2
-        if variance > 1e-6:
-            per_node = max(0.0, (self._nt.value - self._n.value * self._t.value) / variance)
-        else:
-            per_node = 0.0
-        base = max(0.0, self._t.value - per_node * self._n.value)
         return BudgetModel(
             draft_s_per_token=self._draft_s_per_token.value,
-            verify_base_s=base,
-            verify_s_per_node=per_node,
+            verify_points=tuple(sorted((size, ewma.value) for size, ewma in self._verify_s.items())),
             network_s=self._network_s.value,
             acceptance=self._accepted.value / self._tried.value if self._tried.value > 0 else 0.0,
         )

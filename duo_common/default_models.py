@@ -56,10 +56,10 @@ def resolve_model(name: str) -> str:
 
 
 def default_draft_dir() -> Path:
-    """The distilled draft shipped with duo; until it exists, the target itself (loaded in bfloat16)."""
-    if (_SHIPPED_DRAFT_DIR / "config.json").exists():
-        return _SHIPPED_DRAFT_DIR
-    return default_target_dir()
+    """The distilled draft shipped inside the draft_service package."""
+    if not (_SHIPPED_DRAFT_DIR / "config.json").exists():
+        raise ModelNotAvailableError(f"duo's default draft is missing from {_SHIPPED_DRAFT_DIR}: reinstall duo")
+    return _SHIPPED_DRAFT_DIR
 
 
 def default_target_dir() -> Path:

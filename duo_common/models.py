@@ -45,9 +45,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """``auto``: bfloat16 on CUDA; on the CPU the checkpoint's own dtype ("auto" for from_pretrained), so a
+    float32 target stays exact and a draft shipped in bfloat16 runs in bfloat16."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else "auto"
     if dtype not in DTYPES:
         raise ModelNotAvailableError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -76,7 +78,7 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> Load
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_context_tokens=_max_context(model.config),
         device=str(torch_device),
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=str(model.dtype).removeprefix("torch."),
     )
     log.info("loaded %s on %s (%s): vocab %d, context %d", name, info.device, info.dtype, info.vocab_size,
              info.max_context_tokens)

@@ -8,9 +8,9 @@ from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
 from duo_common.events import RoundTimings
 
 
-def model(**overrides):
-    values = dict(draft_s_per_token=0.005, verify_base_s=0.080, verify_s_per_node=0.001, network_s=0.0,
-                  acceptance=0.8)
+def model(verify_base_s=0.080, verify_s_per_node=0.001, **overrides):
+    values = dict(draft_s_per_token=0.005, network_s=0.0, acceptance=0.8,
+                  verify_points=((0, verify_base_s), (16, verify_base_s + 16 * verify_s_per_node)))
     values.update(overrides)
     return BudgetModel(**values)
 
@@ -32,7 +32,22 @@ def test_cheap_drafts_and_good_acceptance_buy_long_proposals():
 
 
 def test_poor_acceptance_keeps_proposals_short():
-    assert model(acceptance=0.2).best_budget(16) <= 2
+    assert 1 <= model(acceptance=0.2).best_budget(16) <= 2
+
+
+def test_verify_cost_is_interpolated_between_measured_sizes():
+    measured = model(verify_points=((0, 0.054), (1, 0.088), (4, 0.094)))
+    assert measured.verify_s(1) == pytest.approx(0.088)
+    assert measured.verify_s(2) == pytest.approx(0.090)
+    assert measured.verify_s(8) == pytest.approx(0.102)  # extrapolated from the last two sizes
+
+
+def test_speculation_is_switched_off_where_it_does_not_pay():
+    # A weak draft and a verifier whose cost jumps from 1 to 2 tokens (a CPU): the target alone is faster.
+    weak = model(acceptance=0.3, draft_s_per_token=0.005, verify_points=((0, 0.054), (1, 0.088), (4, 0.094)))
+    assert weak.best_budget(8) == 0
+    strong = model(acceptance=0.8, draft_s_per_token=0.005, verify_points=((0, 0.054), (1, 0.088), (4, 0.094)))
+    assert strong.best_budget(8) >= 4
 
 
 def test_a_slow_drafter_gets_a_shorter_budget():
@@ -66,6 +81,7 @@ def test_controller_learns_from_rounds_and_adapts_when_latency_changes():
         controller.after_round(synthetic_round(controller.budget, 0.8, 0.010, 0.080, 0.0))
     estimates = controller.model()
     assert estimates.draft_s_per_token == pytest.approx(0.010, rel=0.01)
+    assert 0 in dict(estimates.verify_points)  # it measured the verifier alone once
     assert estimates.network_s == pytest.approx(0.0, abs=1e-6)
     near = controller.budget
     for _ in range(30):
@@ -83,3 +99,18 @@ def test_controller_estimates_per_token_acceptance_without_truncation_bias():
     for accepted in rounds:
         controller.after_round(RoundTimings(0.04, 0.08, 0.08, 4, accepted, 4))
     assert controller.model().acceptance == pytest.approx(0.75, abs=0.08)
+
+
+def test_controller_turns_speculation_off_and_keeps_probing():
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=8, probe_every=5))
+    cost = {0: 0.054, 1: 0.088}
+    budgets = []
+    for _ in range(40):
+        budget = controller.budget
+        budgets.append(budget)
+        verify_s = cost.get(budget, 0.094)
+        accepted = 1 if budget >= 3 else 0  # acceptance 0.25 per token
+        controller.after_round(RoundTimings(0.005 * budget, verify_s, verify_s, budget, min(accepted, budget),
+                                            budget))
+    assert budgets[-20:].count(0) >= 14  # mostly off
+    assert any(b > 0 for b in budgets[-20:])  # but it keeps probing

@@ -31,7 +31,7 @@ def main() -> None:
               help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, envvar="DUO_VERIFY_DTYPE", show_envvar=True,
-              help="auto: bfloat16 on CUDA, float32 on CPU.")
+              help="auto: bfloat16 on CUDA, the checkpoint's own dtype on CPU.")
 @click.option("--max-tree-nodes", type=click.IntRange(1, 1024), default=64, show_default=True,
               envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
 @common_serve_options("DUO_VERIFY")
