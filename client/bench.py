@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from client.budget import AdaptiveBudget
+from client.budget import AdaptiveBudget, ControllerConfig
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
 from duo_common.params import StoppingParams
 
@@ -115,12 +115,12 @@ class _FirstTokenClock:
 
 
 def duo_run(system: str, orchestrator: Orchestrator, prompt_ids: list[int], max_new_tokens: int,
-            fixed_budget: int) -> GenerationResult:
+            fixed_budget: int, max_branches: int = 1) -> GenerationResult:
     policies: dict[str, Callable] = {
         "duo-nospec": lambda: FixedBudget(0),
-        "duo-fixed": lambda: FixedBudget(fixed_budget),
-        "duo-sequential": lambda: FixedBudget(fixed_budget),
-        "duo-auto": AdaptiveBudget,
+        "duo-fixed": lambda: FixedBudget(fixed_budget, max_branches),
+        "duo-sequential": lambda: FixedBudget(fixed_budget, max_branches),
+        "duo-auto": lambda: AdaptiveBudget(ControllerConfig(max_branches=max_branches)),
     }
     request = GenerationRequest(prompt_ids=tuple(prompt_ids),
                                 stopping=StoppingParams(max_new_tokens=max_new_tokens),

@@ -20,9 +20,9 @@ from duo_common.params import DecodingParams, StoppingParams
 from duo_common.rpc import MAX_MESSAGE_BYTES
 from duo_common.security import ChannelSecurity, read_token
 
-# Chains measured best on the default pair while its draft is the target itself (benchmarks/trees_vs_chains.py);
-# re-measure once duo's own draft ships.
-DEFAULT_MAX_BRANCHES = 1
+# With duo's own draft, trees of width 2 commit 1.71 tokens per round against 1.51 for chains at 6 nodes
+# (benchmarks/trees_vs_chains.py, greedy, this CPU); width 3 gains little more.
+DEFAULT_MAX_BRANCHES = 2
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
@@ -157,6 +157,8 @@ def _print_stats(result: GenerationResult) -> None:
               help="Comma-separated systems to run; the first one is the reference output.")
 @click.option("--fixed-budget", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Budget of duo-fixed and duo-sequential.")
+@click.option("--max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES, show_default=True,
+              help="Token-tree width of the speculative duo systems (1 = chains).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap prompts in the chat template.")
 @click.option("--warmup/--no-warmup", default=True, show_default=True, help="One untimed run of every system first.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -168,8 +170,8 @@ def _print_stats(result: GenerationResult) -> None:
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--hf-threads", type=click.IntRange(1), default=None,
               help="torch threads of the HF baselines (default: verify + draft threads, duo's cores).")
-def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, chat, warmup, json_out, chart,
-                  draft_addr, target_model, draft_model, verify_threads, draft_threads, hf_threads):
+def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, max_branches, chat, warmup, json_out,
+                  chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, hf_threads):
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
     from duo_common.default_models import resolve_model
 
@@ -197,7 +199,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ch
             if system.startswith("hf"):
                 tokens, total_s, ttft_s = baselines.run(system, ids, max_new_tokens)
                 return bench.Run(system, index, tokens, total_s, ttft_s)
-            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget)
+            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget, max_branches)
             return bench.run_from_result(system, index, result)
 
         if warmup:
@@ -213,7 +215,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ch
     click.echo(bench.format_table(summaries))
     meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
             "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
-            "hf_threads": hf_threads, "fixed_budget": fixed_budget,
+            "hf_threads": hf_threads, "fixed_budget": fixed_budget, "max_branches": max_branches,
             "draft_addr": draft_addr}
     if json_out:
         bench.write_json(json_out, summaries, meta)

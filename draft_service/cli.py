@@ -43,6 +43,8 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
 @_option("--default-budget", type=click.IntRange(0, 1024), default=4,
          help="Draft tokens per round when a request sets none.")
+@_option("--default-max-branches", type=click.IntRange(1, 8), default=2,
+         help="Token-tree width when a request sets no budget (1: chains).")
 @_option("--verify-timeout-s", type=click.FloatRange(0.1), default=120.0, help="Longest wait for one verifier answer.")
 @_option("--verify-wait-s", type=click.FloatRange(0), default=600.0, help="How long start-up waits for the verifier.")
 @_option("--max-new-tokens-limit", type=click.IntRange(1), default=4096,
@@ -53,7 +55,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
-def serve(model, verify_addr, dtype, default_budget, verify_timeout_s, verify_wait_s, max_new_tokens_limit,
+def serve(model, verify_addr, dtype, default_budget, default_max_branches, verify_timeout_s, verify_wait_s, max_new_tokens_limit,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""
@@ -69,7 +71,8 @@ def serve(model, verify_addr, dtype, default_budget, verify_timeout_s, verify_wa
         # Each session is one stream on one verifier; spread sessions over all resolved verifiers.
         ("grpc.lb_policy_name", "round_robin"),
     ])
-    config = DrafterConfig(default_budget=default_budget, verify_timeout_s=verify_timeout_s,
+    config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
+                           verify_timeout_s=verify_timeout_s,
                            max_new_tokens_limit=max_new_tokens_limit)
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,

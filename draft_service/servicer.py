@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DrafterConfig:
     default_budget: int = 4
-    default_max_branches: int = 1  # tree width when a request sets no budget (1: chains)
+    default_max_branches: int = 2  # tree width when a request sets no budget (1: chains)
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
 
