@@ -49,6 +49,8 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-wait-s", type=click.FloatRange(0), default=600.0, help="How long start-up waits for the verifier.")
 @_option("--max-new-tokens-limit", type=click.IntRange(1), default=4096,
          help="Largest max_new_tokens a request may ask for.")
+@_option("--max-prompt-tokens", type=click.IntRange(1), default=None,
+         help="Longest prompt accepted, in tokens (default: the target's context).")
 @_option("--verify-tls-ca", type=_FILE, default=None, help="CA of the verifier's certificate: TLS to the verifier.")
 @_option("--verify-tls-cert", type=_FILE, default=None, help="Client certificate for mutual TLS to the verifier.")
 @_option("--verify-tls-key", type=_FILE, default=None, help="Client key for mutual TLS to the verifier.")
@@ -56,6 +58,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
 def serve(model, verify_addr, dtype, default_budget, default_max_branches, verify_timeout_s, verify_wait_s, max_new_tokens_limit,
+          max_prompt_tokens,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""
@@ -73,7 +76,7 @@ def serve(model, verify_addr, dtype, default_budget, default_max_branches, verif
     ])
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
                            verify_timeout_s=verify_timeout_s,
-                           max_new_tokens_limit=max_new_tokens_limit)
+                           max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens)
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
                                verify_security.metadata)

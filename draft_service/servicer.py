@@ -41,6 +41,7 @@ class DrafterConfig:
     default_max_branches: int = 2  # tree width when a request sets no budget (1: chains)
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
+    max_prompt_tokens: int | None = None  # None: whatever the target's context holds
 
 
 class BudgetHolder:
@@ -192,6 +193,9 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
                 f"the prompt has {len(prompt)} tokens; the target's context holds {target.max_context_tokens} "
                 "including at least one new token"
             )
+        limit = self._config.max_prompt_tokens
+        if limit is not None and len(prompt) > limit:
+            raise InvalidArgument(f"the prompt has {len(prompt)} tokens; this service accepts at most {limit}")
         return prompt
 
     def _initial_budget(self, request: pb.GenerateRequest, target: ModelInfo) -> BudgetHolder:

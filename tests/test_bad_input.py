@@ -150,3 +150,22 @@ def _eventually(condition, timeout_s=10.0):
             return True
         time.sleep(0.02)
     return condition()
+
+
+def test_service_limits_on_prompt_and_new_tokens_are_enforced(tmp_path):
+    from draft_service.servicer import DrafterConfig
+
+    pair = save_pair(tmp_path, "llama")
+    config = DrafterConfig(max_new_tokens_limit=16, max_prompt_tokens=4)
+    with running_pair(pair.target_dir, pair.draft_dir, config=config) as services:
+        with grpc.insecure_channel(services.draft_addr) as channel:
+            stub = duo_pb2_grpc.DrafterStub(channel)
+            too_long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6, 7, 8]),
+                                          stopping=pb.StoppingParams(max_new_tokens=4))
+            expect_status(grpc.StatusCode.INVALID_ARGUMENT, "accepts at most 4",
+                          lambda: list(stub.Generate(too_long, timeout=30)))
+            too_many = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5]), stopping=pb.StoppingParams(max_new_tokens=17))
+            expect_status(grpc.StatusCode.INVALID_ARGUMENT, "exceeds this service's limit 16",
+                          lambda: list(stub.Generate(too_many, timeout=30)))
+            ok = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6, 7]), stopping=pb.StoppingParams(max_new_tokens=16))
+            assert list(stub.Generate(ok, timeout=30))[-1].finished.stats.new_tokens >= 1
