@@ -50,7 +50,8 @@ def main() -> None:
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Seed for sampling.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Seed for sampling: the same seed gives the same output (auto budget then stays fixed).")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the model has one).")
@@ -94,7 +95,10 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
         security = ChannelSecurity(tls_ca, tls_cert, tls_key, read_token(auth_token_file))
     except DuoError as exc:
         raise click.UsageError(str(exc)) from exc
-    if budget is None:
+    if budget is None and seed is not None and temperature > 0:
+        # The adaptive budget follows measured timings, which would make a seeded output vary; fix it.
+        policy = FixedBudget(ControllerConfig().initial_budget, max_branches)
+    elif budget is None:
         policy = AdaptiveBudget(ControllerConfig(max_branches=max_branches))
     else:
         policy = FixedBudget(budget, max_branches)

@@ -14,9 +14,8 @@ from duo_common.default_models import DEFAULT_DRAFT
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
-from duo_common.rpc import ServiceServer
 from duo_common.security import ChannelSecurity, read_token
-from duo_common.serve_cli import ServeSettings, announce_port, common_serve_options, setup_process, start_metrics
+from duo_common.serve_cli import ServeSettings, common_serve_options, setup_process, start_server
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 
@@ -80,13 +79,8 @@ def serve(model, verify_addr, dtype, default_budget, default_max_branches, verif
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
                                verify_security.metadata)
-    server = ServiceServer(["duo.v1.Drafter"], settings.server, metrics)
-    duo_pb2_grpc.add_DrafterServicer_to_server(servicer, server.server)
-    bound = server.bind(settings.address())
-    server.start()
-    announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
-    start_metrics(settings, metrics)
-    log.info("listening on %s:%d%s; loading %s", settings.host, bound, " (TLS)" if settings.server.tls else "", model)
+    server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
+                          model)
     servicer.attach(load_causal_lm(model, "cpu", dtype))
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()

@@ -45,6 +45,12 @@ class SessionPlan:
     max_sequence_tokens: int  # the target's context
     overlap: bool = True  # draft the next round while the verifier works (False: the sequential schedule)
 
+    @property
+    def reproducible(self) -> bool:
+        """A seeded sampled session: the random draws must not depend on timing, so drafting ahead always
+        drafts the same amount instead of stopping when the verdict arrives."""
+        return self.params.seed is not None and not self.params.is_greedy
+
 
 class SpeculativeSession:
     def __init__(
@@ -128,8 +134,9 @@ class SpeculativeSession:
         return drafter.propose(room)
 
     def _draft_ahead(self, drafter: TreeDrafter, target_ahead: int) -> None:
-        """Keep drafting while the verifier works, until its verdict arrives or enough is drafted."""
-        while not self._link.verdict_ready() and drafter.grow_ahead(target_ahead):
+        """Keep drafting while the verifier works, until its verdict arrives (unless the session must be
+        reproducible) or enough is drafted."""
+        while (self._plan.reproducible or not self._link.verdict_ready()) and drafter.grow_ahead(target_ahead):
             pass
 
     def _commit(self, committed: list[int], new_tokens: list[int], timings: RoundTimings | None) -> CommittedEvent:

@@ -16,7 +16,7 @@ import click
 
 from duo_common.errors import InvalidArgument
 from duo_common.metrics import ServiceMetrics
-from duo_common.rpc import ServerOptions
+from duo_common.rpc import ServerOptions, ServiceServer
 from duo_common.security import ServerTls, read_token
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -110,10 +110,21 @@ def setup_process(settings: ServeSettings) -> None:
         torch.set_num_threads(settings.threads)
 
 
-def start_metrics(settings: ServeSettings, metrics: ServiceMetrics) -> None:
+def start_server(settings: ServeSettings, service_name: str, add_servicer, servicer, metrics: ServiceMetrics,
+                 model: str) -> ServiceServer:
+    """Listen (health NOT_SERVING until the caller has loaded its model), announce the port, serve metrics."""
+    server = ServiceServer([service_name], settings.server, metrics)
+    add_servicer(servicer, server.server)
+    bound = server.bind(settings.address())
+    server.start()
+    announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
+    log = logging.getLogger(__name__)
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port, settings.host)
-        logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+    log.info("%s listening on %s:%d%s; loading %s", service_name, settings.host, bound,
+             " (TLS)" if settings.server.tls else "", model)
+    return server
 
 
 def announce_port(port_file: Path | None, port: int) -> None:

@@ -82,3 +82,10 @@ def test_chat_prompt_from_stdin_streams_an_answer():
     completed = run_cli("--max-new-tokens", "24", "--stats", stdin="What is the capital of France?")
     assert "Paris" in completed.stdout
     assert "tokens/s" in completed.stderr
+
+
+def test_a_seed_reproduces_a_sampled_answer_through_the_cli():
+    args = ("--json", "--temperature", "0.9", "--top-p", "0.95", "--seed", "1234", "--max-new-tokens", "24",
+            "Write one sentence about the sea.")
+    first = json.loads(run_cli(*args).stdout)["token_ids"]
+    assert json.loads(run_cli(*args).stdout)["token_ids"] == first

@@ -7,10 +7,9 @@ import logging
 import click
 
 from duo_common.default_models import DEFAULT_TARGET
-from duo_common.models import load_causal_lm
-from duo_common.rpc import ServiceServer
 from duo_common.metrics import ServiceMetrics
-from duo_common.serve_cli import ServeSettings, announce_port, common_serve_options, setup_process, start_metrics
+from duo_common.models import load_causal_lm
+from duo_common.serve_cli import ServeSettings, common_serve_options, setup_process, start_server
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
@@ -40,13 +39,8 @@ def serve(model, device, dtype, max_tree_nodes, settings: ServeSettings):
     setup_process(settings)
     metrics = ServiceMetrics("verify")
     servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions), metrics)
-    server = ServiceServer(["duo.v1.Verifier"], settings.server, metrics)
-    duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
-    bound = server.bind(settings.address())
-    server.start()
-    announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
-    start_metrics(settings, metrics)
-    log.info("listening on %s:%d%s; loading %s", settings.host, bound, " (TLS)" if settings.server.tls else "", model)
+    server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
+                          model)
     servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype), max_tree_nodes))
     server.mark_serving()
     log.info("serving")
