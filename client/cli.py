@@ -13,9 +13,9 @@ import grpc
 from client import bench
 from client.budget import AdaptiveBudget, ControllerConfig
 from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services
-from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
+from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
-from duo_common.errors import DuoError
+from duo_common.errors import DuoError, FailedPrecondition
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.rpc import MAX_MESSAGE_BYTES
 from duo_common.security import ChannelSecurity, read_token
@@ -63,7 +63,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout at the end.")
 @click.option("--draft-addr", envvar="DUO_DRAFT_ADDR", help="HOST:PORT of a running draft service (remote mode).")
 @click.option("--verify-addr", envvar="DUO_VERIFY_ADDR",
-              help="HOST:PORT of the verify service (remote mode; informational, the draft service has its own).")
+              help="Remote mode: HOST:PORT of the draft service's verifier, checked for a compatible tokenizer "
+                   "before generating.")
 @click.option("--target-model", default=DEFAULT_TARGET, show_default=True, help="Embedded mode: target model.")
 @click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True, help="Embedded mode: draft model.")
 @click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
@@ -113,8 +114,12 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
                 draft_addr = stack.enter_context(embedded_services(config)).draft
             channel = stack.enter_context(security.channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
-            result = Orchestrator(channel, timeout_s, security.metadata).generate(request, policy, on_text)
-    except ServiceStartError as exc:
+            orchestrator = Orchestrator(channel, timeout_s, security.metadata)
+            if verify_addr is not None:
+                with security.channel(verify_addr) as verify_channel:
+                    check_verifier(orchestrator, verify_channel, security.metadata)
+            result = orchestrator.generate(request, policy, on_text)
+    except (ServiceStartError, FailedPrecondition) as exc:
         raise click.ClickException(str(exc)) from exc
     except grpc.RpcError as exc:
         raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc

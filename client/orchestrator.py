@@ -15,7 +15,9 @@ from typing import Callable, Iterator, Protocol
 import grpc
 
 from duo_common import codec
+from duo_common.compat import check_compatible
 from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo_common.models import ModelInfo
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.stopping import FinishReason
 from protos import duo_pb2 as pb
@@ -102,6 +104,10 @@ class Orchestrator:
         self._timeout_s = timeout_s
         self._metadata = metadata
 
+    def draft_model_info(self) -> ModelInfo:
+        return codec.model_info_from_pb(
+            self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self._timeout_s or 30, metadata=self._metadata))
+
     def generate(
         self,
         request: GenerationRequest,
@@ -141,6 +147,14 @@ class Orchestrator:
             outbox.put(_CLOSE)
             call.cancel()
         raise RuntimeError("the draft service ended the session without a Finished event")
+
+
+def check_verifier(orchestrator: Orchestrator, verify_channel: grpc.Channel, metadata: tuple = ()) -> ModelInfo:
+    """Remote mode with a known verifier: refuse an incompatible pair before any generation."""
+    stub = duo_pb2_grpc.VerifierStub(verify_channel)
+    target = codec.model_info_from_pb(stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30, metadata=metadata))
+    check_compatible(orchestrator.draft_model_info(), target)
+    return target
 
 
 def _events(call) -> Iterator[CommittedEvent | FinishedEvent]:

@@ -39,6 +39,25 @@ def test_unreachable_remote_service_is_a_clear_error():
     assert "UNAVAILABLE" in result.output or "DEADLINE_EXCEEDED" in result.output
 
 
+def test_remote_mode_checks_the_named_verifier_before_generating(tmp_path):
+    from tests.inprocess import running_pair, verify_server
+    from tests.tiny_models import save_pair, word_tokenizer
+
+    pair = save_pair(tmp_path / "pair", "llama")
+    other = save_pair(tmp_path / "other", "llama", draft_tokenizer=word_tokenizer(extra_word="other"))
+    with running_pair(pair.target_dir, pair.draft_dir) as services, \
+            verify_server(other.draft_dir) as (foreign_verifier, _):
+        good = CliRunner().invoke(main, ["generate", "--draft-addr", services.draft_addr, "--verify-addr",
+                                         services.verify_addr, "--json", "--max-new-tokens", "5", "w1 w2"])
+        assert good.exit_code == 0, good.output
+        assert json.loads(good.output)["stats"]["new_tokens"] == 5
+        bad = CliRunner().invoke(main, ["generate", "--draft-addr", services.draft_addr, "--verify-addr",
+                                        foreign_verifier, "--max-new-tokens", "5", "w1 w2"])
+        assert bad.exit_code == 1
+        assert "tokenizers differ" in bad.output
+        assert services.verify_sessions.total_opened == 1  # the refused run never reached a verifier
+
+
 def run_cli(*args, stdin=None):
     completed = subprocess.run([sys.executable, "-m", "client.cli", "generate", *args], input=stdin,
                                capture_output=True, text=True, timeout=600)
