@@ -75,20 +75,6 @@ def test_empty_proposal_yields_the_targets_token():
 
 
 
-def test_speculative_sampling_reproduces_the_target_distribution_for_one_node():
-    """Exact check of min(1, p/q) acceptance + residual: P(out = x) = target(x) for every x."""
-    vocab = 5
-    target = torch.tensor([0.1, 0.4, 0.2, 0.25, 0.05])
-    draft = torch.tensor([0.3, 0.1, 0.3, 0.1, 0.2])
-    out = torch.zeros(vocab)
-    for drafted in range(vocab):
-        accept = min(1.0, float(target[drafted] / draft[drafted]))
-        out[drafted] += draft[drafted] * accept
-        residual = torch.clamp(target - draft, min=0)
-        out += draft[drafted] * (1 - accept) * residual / residual.sum()
-    assert torch.allclose(out, target, atol=1e-6)
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_sampled_rule_matches_target_distribution_monte_carlo(seed):
     """accept_sampled on a two-child root: the first committed token follows the target distribution."""
