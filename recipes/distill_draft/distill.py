@@ -1,21 +1,24 @@
-"""Distil duo's default draft model from SmolLM2-135M-Instruct on a CPU.
+"""Distil duo's default draft model from SmolLM2-135M-Instruct, on a CPU or a GPU.
 
 Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``--stage``):
 
-1. ``generate``: build the training prompts (``prompt_bank.build_prompts``, fixed seed), check they are
-   disjoint from the held-out benchmark prompts, format them with the target's chat template, and let the
-   target answer them in left-padded batches (half greedy, half sampled at temperature 0.7). At every answer
-   position the target's top-k next-token logits are kept as the distillation signal. Each batch is written
-   as a shard under ``<cache_dir>/shards`` so the stage can resume.
-2. ``train``: build a small Llama draft (same tokenizer and vocabulary, tied embeddings initialised from an
-   SVD projection of the target's embedding matrix) and train it with teacher forcing to match the target's
-   next-token distribution (soft cross-entropy against the renormalised top-k plus a small hard-label term on
-   the target's argmax) on the answer tokens.
+1. ``generate``: build the training and validation prompts (``prompt_bank.build_prompts``, fixed seed), check
+   they are disjoint from the held-out benchmark prompts, format them with the target's chat template, and let
+   the target answer them in left-padded batches (greedy and sampled batches alternate; validation answers are
+   greedy). At every answer position the target's top-k next-token logits are kept as the distillation signal.
+   Each batch is written as a shard under ``<cache_dir>/shards`` so the stage can resume.
+2. ``train``: build a small Llama draft (same tokenizer and vocabulary, initialised from the target's output
+   layer and its next-token hidden states) and train it with teacher forcing to match the target's next-token
+   distribution (soft cross-entropy against the renormalised top-k plus a small hard-label term on the target's
+   argmax) on the answer tokens. Then score it on the validation answers: per-token agreement and the tokens a
+   greedy speculative round would commit at several draft budgets.
 3. ``export``: write the draft in the shipped dtype with the target's tokenizer files and a generation config
    into ``output_dir`` (``draft_service/default_model`` by default).
 
-All hyper-parameters and seeds live in ``config.json`` next to this file. Paths in it are relative to the
-repository root. The target folder comes from ``duo_common.default_models.default_target_dir()``.
+All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
+``config_gpu.json``: the same recipe scaled up for one GPU). Paths in it are relative to the repository root.
+``--set key.sub=value`` overrides one entry (the value is parsed as JSON when it can be). The target folder
+comes from ``duo_common.default_models.default_target_dir()``.
 """
 
 from __future__ import annotations
@@ -58,14 +61,58 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # configuration and helpers
 
 
-def load_config(path: Path) -> dict:
+def load_config(path: Path, overrides: list[str] = ()) -> dict:
     with open(path) as f:
-        return json.load(f)
+        cfg = json.load(f)
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a nested config; ``value`` is parsed as JSON when it can be."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set expects key.sub=value, got {item!r}")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for name in parents:
+        if not isinstance(node.get(name), dict):
+            raise SystemExit(f"--set {item!r}: no config section {name!r}")
+        node = node[name]
+    try:
+        node[leaf] = json.loads(raw)
+    except json.JSONDecodeError:
+        node[leaf] = raw
 
 
 def repo_path(value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else REPO_ROOT / path
+
+
+def run_dir(cfg: dict) -> Path:
+    """Where the train stage writes this run's checkpoint and validation scores.
+
+    ``run_name`` "best" (for export) names the finished run with the most tokens committed per round on the
+    validation answers, at its best budget.
+    """
+    runs = repo_path(cfg["cache_dir"]) / "runs"
+    name = cfg.get("run_name", "default")
+    if name != "best":
+        return runs / name
+    scored = {path.parent: json.loads(path.read_text()) for path in runs.glob("*/validation.json")}
+    if not scored:
+        raise SystemExit(f"no finished runs under {runs}")
+    best = max(scored, key=lambda run: max(scored[run]["committed_per_round"].values()))
+    log.info("best run by validation: %s %s", best.name, json.dumps(scored[best]["committed_per_round"]))
+    return best
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +129,20 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a single-turn chat, exactly as inference formats it."""
     encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+class Deadline:
+    """A wall-clock budget for a stage (``None`` seconds: no budget)."""
+
+    def __init__(self, seconds: float | None):
+        self.started = time.time()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def remaining(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - self.elapsed()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,19 +162,25 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def generate_batch(target, prompt_ids: list[list[int]], data_cfg: dict, sampled: bool,
                    generator: torch.Generator, eos_id: int) -> list[dict]:
-    """Answer a batch of prompts with the target; keep the top-k logits at every answer position."""
-    top_k = data_cfg["teacher_top_k"]
-    input_ids, attention_mask = left_pad(prompt_ids, eos_id)
+    """Answer a batch of prompts with the target; keep the top-k logits at every answer position.
+
+    Everything stays on the target's device until the batch is done; an answer ends with (and includes)
+    its first EOS, or after ``max_new_tokens`` tokens.
+    """
+    device = target.device
+    top_k, steps = data_cfg["teacher_top_k"], data_cfg["max_new_tokens"]
+    input_ids, attention_mask = (t.to(device) for t in left_pad(prompt_ids, eos_id))
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     out = target(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                  past_key_values=cache, use_cache=True, logits_to_keep=1)
     batch = len(prompt_ids)
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    top_idx: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    top_val: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool)
-    for step in range(data_cfg["max_new_tokens"]):
+    tokens = torch.full((batch, steps), eos_id, dtype=torch.long, device=device)
+    top_idx = torch.zeros((batch, steps, top_k), dtype=torch.int32, device=device)
+    top_val = torch.zeros((batch, steps, top_k), dtype=torch.float16, device=device)
+    lengths = torch.full((batch,), steps, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(steps):
         target_logits = out.logits[:, -1].float()
         values, indices = target_logits.topk(top_k, dim=-1)
         if sampled:
@@ -121,64 +188,114 @@ def generate_batch(target, prompt_ids: list[list[int]], data_cfg: dict, sampled:
             next_tokens = torch.multinomial(target_probs, 1, generator=generator).squeeze(1)
         else:
             next_tokens = target_logits.argmax(-1)
-        for row in range(batch):
-            if not finished[row]:
-                answers[row].append(int(next_tokens[row]))
-                top_idx[row].append(indices[row].to(torch.int32))
-                top_val[row].append(values[row].to(torch.float16))
-        finished |= next_tokens == eos_id
-        if bool(finished.all()) or step == data_cfg["max_new_tokens"] - 1:
+        tokens[:, step] = next_tokens
+        top_idx[:, step] = indices.to(torch.int32)
+        top_val[:, step] = values.to(torch.float16)
+        ends_here = ~finished & (next_tokens == eos_id)
+        lengths[ends_here] = step + 1
+        finished |= ends_here
+        if step == steps - 1 or (step % 8 == 7 and bool(finished.all())):
             break
-        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = target(input_ids=next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
                      past_key_values=cache, use_cache=True)
+    tokens, top_idx, top_val, lengths = tokens.cpu(), top_idx.cpu(), top_val.cpu(), lengths.tolist()
     return [
         {
-            "input_ids": torch.tensor(prompt_ids[row] + answers[row], dtype=torch.int32),
+            "input_ids": torch.tensor(prompt_ids[row] + tokens[row, :lengths[row]].tolist(), dtype=torch.int32),
             "prompt_len": len(prompt_ids[row]),
-            "topk_idx": torch.stack(top_idx[row]),
-            "topk_logit": torch.stack(top_val[row]),
+            "topk_idx": top_idx[row, :lengths[row]].clone(),
+            "topk_logit": top_val[row, :lengths[row]].clone(),
             "sampled": sampled,
         }
         for row in range(batch)
     ]
 
 
+def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int, sort_window: int) -> list[list[list[int]]]:
+    """Batches in prompt order, sorted by length inside windows of ``sort_window`` batches to limit padding.
+
+    A window of 0 sorts the whole list. Keeping the prompts' (shuffled) order across windows means a stage
+    stopped by its time budget still covers every kind of prompt.
+    """
+    window = len(prompt_ids) if sort_window <= 0 else sort_window * batch_size
+    batches: list[list[list[int]]] = []
+    for start in range(0, len(prompt_ids), window):
+        block = sorted(prompt_ids[start:start + window], key=len)
+        batches.extend(block[i:i + batch_size] for i in range(0, len(block), batch_size))
+    return batches
+
+
+def split_prompts(cfg: dict) -> tuple[list[str], list[str]]:
+    """(training, validation) prompts, drawn together so they are distinct, both disjoint from the held-out set."""
+    data_cfg = cfg["data"]
+    validation_count = data_cfg.get("num_validation_prompts", 0)
+    prompts = build_prompts(data_cfg["num_prompts"] + validation_count, data_cfg["prompt_seed"])
+    assert_disjoint(prompts, read_heldout_prompts(repo_path(cfg["heldout_prompts"])))
+    return prompts[validation_count:], prompts[:validation_count]
+
+
+def load_target(target_dir: Path, dtype: torch.dtype, device: torch.device):
+    return AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
+
+
 def stage_generate(cfg: dict) -> None:
     data_cfg = cfg["data"]
-    shard_dir = repo_path(cfg["cache_dir"]) / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = repo_path(cfg["cache_dir"])
+    device = pick_device(cfg.get("device", "cpu"))
     target_dir = default_target_dir()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    prompts = build_prompts(data_cfg["num_prompts"], data_cfg["prompt_seed"])
-    assert_disjoint(prompts, read_heldout_prompts(repo_path(cfg["heldout_prompts"])))
-    log.info("%d training prompts, disjoint from the held-out set", len(prompts))
-    with open(shard_dir.parent / "train_prompts.json", "w") as f:
-        json.dump(prompts, f, indent=0)
+    train_prompts, validation_prompts = split_prompts(cfg)
+    log.info("%d training and %d validation prompts, disjoint from the held-out set", len(train_prompts),
+             len(validation_prompts))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / "train_prompts.json", "w") as f:
+        json.dump(train_prompts, f, indent=0)
+    with open(cache_dir / "validation_prompts.json", "w") as f:
+        json.dump(validation_prompts, f, indent=0)
 
-    prompt_ids = sorted((chat_ids(tokenizer, p) for p in prompts), key=len)
+    target = load_target(target_dir, DTYPES[data_cfg["teacher_dtype"]], device)
     batch_size = data_cfg["batch_size"]
-    batches = [prompt_ids[i:i + batch_size] for i in range(0, len(prompt_ids), batch_size)]
-    sampled_every = round(1 / data_cfg["sampled_batch_fraction"]) if data_cfg["sampled_batch_fraction"] else 0
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[data_cfg["teacher_dtype"]]).eval()
-    started = time.time()
+    validation_batches = length_sorted_batches([chat_ids(tokenizer, p) for p in validation_prompts], batch_size, 0)
+    write_shards(target, validation_batches, cache_dir / "validation", cfg, tokenizer.eos_token_id,
+                 sampled_every=0, deadline=Deadline(None))
+    train_batches = length_sorted_batches([chat_ids(tokenizer, p) for p in train_prompts], batch_size,
+                                          data_cfg.get("sort_window_batches", 0))
+    train_batches = train_batches[:data_cfg.get("max_batches") or len(train_batches)]
+    sampled_fraction = data_cfg["sampled_batch_fraction"]
+    write_shards(target, train_batches, cache_dir / "shards", cfg, tokenizer.eos_token_id,
+                 sampled_every=round(1 / sampled_fraction) if sampled_fraction else 0,
+                 deadline=Deadline(data_cfg.get("time_budget_s")))
+    cached_next_token_states(cfg, target_dir, tokenizer, target)  # the train stage's initialisation, once
+
+
+def write_shards(target, batches: list[list[list[int]]], shard_dir: Path, cfg: dict, eos_id: int,
+                 sampled_every: int, deadline: Deadline) -> None:
+    """Answer each batch and save it as one shard (skipping shards that exist); stop when the budget runs out."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    slowest = 0.0
     for index, batch in enumerate(batches):
         shard_path = shard_dir / f"shard_{index:04d}.pt"
         if shard_path.exists():
             continue
+        if deadline.remaining() < slowest:
+            log.info("%s: time budget reached after %d of %d batches", shard_dir.name, index, len(batches))
+            return
+        batch_started = time.time()
         sampled = bool(sampled_every) and index % sampled_every == sampled_every - 1
-        generator = torch.Generator().manual_seed(cfg["seed"] + index)
-        records = generate_batch(target, batch, data_cfg, sampled, generator, tokenizer.eos_token_id)
+        generator = torch.Generator(device=target.device).manual_seed(cfg["seed"] + index)
+        records = generate_batch(target, batch, cfg["data"], sampled, generator, eos_id)
         torch.save(records, shard_path)
+        slowest = max(slowest, time.time() - batch_started)
         answer_tokens = sum(len(r["topk_idx"]) for r in records)
-        log.info("shard %d/%d (%s): %d answer tokens, %.0f s elapsed", index + 1, len(batches),
-                 "sampled" if sampled else "greedy", answer_tokens, time.time() - started)
+        log.info("%s %d/%d (%s): %d answer tokens, %.0f s elapsed", shard_dir.name, index + 1, len(batches),
+                 "sampled" if sampled else "greedy", answer_tokens, deadline.elapsed())
 
 
-def load_shards(cache_dir: Path) -> list[dict]:
+def load_shards(shard_dir: Path) -> list[dict]:
     records: list[dict] = []
-    for shard_path in sorted((cache_dir / "shards").glob("shard_*.pt")):
+    for shard_path in sorted(shard_dir.glob("shard_*.pt")):
         records.extend(torch.load(shard_path))
     return records
 
@@ -216,27 +333,29 @@ def next_token_states(target, prefix_ids: list[int], batch_size: int) -> torch.T
     Multiplied by the target's output head these give the target's next-token logits after x alone: its
     "bigram" knowledge of all 49,152 tokens, including the ones the generated answers never contain.
     """
-    vocab = target.config.vocab_size
+    vocab, device = target.config.vocab_size, target.device
     prefix_cache = DynamicCache()
-    target.model(input_ids=torch.tensor([prefix_ids]).repeat(batch_size, 1), past_key_values=prefix_cache,
-                 use_cache=True)
+    target.model(input_ids=torch.tensor([prefix_ids], device=device).repeat(batch_size, 1),
+                 past_key_values=prefix_cache, use_cache=True)
     states = torch.empty(vocab, target.config.hidden_size)
     for start in range(0, vocab, batch_size):
-        tokens = torch.arange(start, start + batch_size) % vocab
+        tokens = torch.arange(start, start + batch_size, device=device) % vocab
         hidden = target.model(input_ids=tokens[:, None], past_key_values=copy.deepcopy(prefix_cache),
                               use_cache=True).last_hidden_state[:, -1]
         count = min(batch_size, vocab - start)
-        states[start:start + count] = hidden[:count].float()
+        states[start:start + count] = hidden[:count].float().cpu()
     return states
 
 
-def cached_next_token_states(cfg: dict, target_dir: Path, tokenizer) -> torch.Tensor:
+def cached_next_token_states(cfg: dict, target_dir: Path, tokenizer, target=None) -> torch.Tensor:
+    """``next_token_states`` for the configured prefix, computed once per cache folder."""
     path = repo_path(cfg["cache_dir"]) / "next_token_states.pt"
     if path.exists():
         return torch.load(path)
     draft_cfg = cfg["draft"]
     prefix_ids = tokenizer(draft_cfg["next_token_prefix"], add_special_tokens=False)["input_ids"]
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[cfg["data"]["teacher_dtype"]]).eval()
+    if target is None:
+        target = load_target(target_dir, DTYPES[cfg["data"]["teacher_dtype"]], pick_device(cfg.get("device", "cpu")))
     started = time.time()
     states = next_token_states(target, prefix_ids, draft_cfg["next_token_batch"])
     log.info("target next-token states for %d tokens in %.0f s", len(states), time.time() - started)
@@ -302,7 +421,7 @@ def make_batches(records: list[dict], batch_sequences: int, rng: random.Random) 
     return batches
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
+def collate(batch: list[dict], pad_id: int, device: torch.device) -> dict:
     """Right-padded inputs plus, per answer position, its flat index and its teacher top-k."""
     width = max(len(r["input_ids"]) for r in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -317,24 +436,26 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         flat_positions.append(torch.arange(first, first + count) + row * width)
         top_idx.append(record["topk_idx"].long())
         top_logit.append(record["topk_logit"].float())
-    return {
+    tensors = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "flat_positions": torch.cat(flat_positions),
         "top_idx": torch.cat(top_idx),
         "top_logit": torch.cat(top_logit),
     }
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in tensors.items()}
 
 
 def candidate_tokens(top_idx: torch.Tensor, vocab_size: int, negatives: int, generator: torch.Generator) -> torch.Tensor:
     """The output rows scored this step: every token in the batch's teacher top-k plus random negatives.
 
     Scoring only these rows (a sampled softmax) makes a training step several times cheaper than the full
-    49,152-way softmax; the random negatives, redrawn every step, keep pushing the other tokens down.
+    49,152-way softmax on a CPU; the random negatives, redrawn every step, keep pushing the other tokens down.
+    ``negatives <= 0`` scores the full vocabulary (what a GPU can afford).
     """
     if negatives <= 0:
-        return torch.arange(vocab_size)
-    random_tokens = torch.randint(0, vocab_size, (negatives,), generator=generator)
+        return torch.arange(vocab_size, device=top_idx.device)
+    random_tokens = torch.randint(0, vocab_size, (negatives,), generator=generator).to(top_idx.device)
     return torch.unique(torch.cat([top_idx.reshape(-1), random_tokens]))
 
 
@@ -363,7 +484,7 @@ def training_loss(draft: LlamaForCausalLM, batch: dict, train_cfg: dict,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     candidates = candidate_tokens(batch["top_idx"], draft.config.vocab_size, train_cfg["candidate_negatives"],
                                   generator)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg["autocast_bf16"]):
+    with torch.autocast(draft.device.type, dtype=torch.bfloat16, enabled=train_cfg["autocast_bf16"]):
         hidden = answer_hidden(draft, batch)
         draft_logits = hidden @ draft.lm_head.weight[candidates].T
     local_top_idx = torch.searchsorted(candidates, batch["top_idx"])
@@ -373,7 +494,7 @@ def training_loss(draft: LlamaForCausalLM, batch: dict, train_cfg: dict,
 def learning_rate_scale(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -390,47 +511,121 @@ def make_optimizer(draft: LlamaForCausalLM, train_cfg: dict) -> torch.optim.Opti
     return torch.optim.AdamW(groups, weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.98))
 
 
+def planned_steps(train_cfg: dict, steps_available: int, seconds_per_step: float, deadline: Deadline) -> int:
+    """Steps for the whole run: the configured epochs, fewer if the time budget cannot fit them.
+
+    Called once, at the end of warm-up, with the measured time per step; the cosine schedule then decays over
+    exactly this many steps. The log records the number, so a rerun can pin it with ``train.max_steps``.
+    """
+    steps = min(steps_available, train_cfg.get("max_steps") or steps_available)
+    if deadline.seconds is not None:
+        steps = min(steps, int(deadline.remaining() / seconds_per_step))
+    return max(steps, train_cfg["warmup_steps"])
+
+
 def stage_train(cfg: dict) -> None:
     train_cfg = cfg["train"]
     cache_dir = repo_path(cfg["cache_dir"])
-    records = load_shards(cache_dir)
+    device = pick_device(cfg.get("device", "cpu"))
+    deadline = Deadline(train_cfg.get("time_budget_s"))
+    records = load_shards(cache_dir / "shards")
     if not records:
         raise SystemExit("no generated data; run --stage generate first")
     log.info("%d sequences, %d answer tokens", len(records), sum(len(r["topk_idx"]) for r in records))
-    draft = build_draft(cfg, default_target_dir())
+    draft = build_draft(cfg, default_target_dir()).to(device)
     draft.train()
-    log.info("draft parameters: %.2fM", sum(p.numel() for p in draft.parameters()) / 1e6)
+    log.info("draft parameters: %.2fM, device %s", sum(p.numel() for p in draft.parameters()) / 1e6, device)
     optimizer = make_optimizer(draft, train_cfg)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     rng = random.Random(cfg["seed"])
     generator = torch.Generator().manual_seed(cfg["seed"])
     epochs = [make_batches(records, train_cfg["batch_sequences"], rng) for _ in range(train_cfg["epochs"])]
-    total_steps = sum(len(e) for e in epochs)
+    schedule = [batch for batches in epochs for batch in batches]
+    total_steps = len(schedule)
+    warmup = train_cfg["warmup_steps"]
     pad_id = draft.config.pad_token_id
-    step, started = 0, time.time()
     running_loss, running_agreement = 0.0, 0.0
-    for epoch, batches in enumerate(epochs):
-        for raw_batch in batches:
-            batch = collate(raw_batch, pad_id)
-            scale = learning_rate_scale(step, total_steps, train_cfg["warmup_steps"])
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base_lr * scale
-            loss, agreement = training_loss(draft, batch, train_cfg, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(draft.parameters(), train_cfg["grad_clip"])
-            optimizer.step()
-            step += 1
-            running_loss += loss.item()
-            running_agreement += agreement.item()
-            if step % train_cfg["log_every"] == 0:
-                log.info("epoch %d step %d/%d loss %.3f top1 agreement %.3f lr %.2e %.0f s", epoch, step,
-                         total_steps, running_loss / train_cfg["log_every"],
-                         running_agreement / train_cfg["log_every"], base_lrs[-1] * scale, time.time() - started)
-                running_loss, running_agreement = 0.0, 0.0
+    step, timing_from = 0, time.time()
+    while step < total_steps:
+        if step == warmup // 2:
+            timing_from = time.time()  # the first steps also pay for start-up (CUDA context, allocator)
+        if step == warmup:
+            seconds_per_step = (time.time() - timing_from) / (warmup - warmup // 2)
+            total_steps = planned_steps(train_cfg, len(schedule), seconds_per_step, deadline)
+            log.info("%.3f s per step: %d steps planned (%.2f epochs)", seconds_per_step, total_steps,
+                     total_steps / len(epochs[0]))
+        batch = collate(schedule[step], pad_id, device)
+        scale = learning_rate_scale(step, total_steps, warmup)
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * scale
+        loss, agreement = training_loss(draft, batch, train_cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), train_cfg["grad_clip"])
+        optimizer.step()
+        step += 1
+        running_loss += loss.item()
+        running_agreement += agreement.item()
+        if step % train_cfg["log_every"] == 0:
+            log.info("step %d/%d loss %.3f top1 agreement %.3f lr %.2e %.0f s", step, total_steps,
+                     running_loss / train_cfg["log_every"], running_agreement / train_cfg["log_every"],
+                     base_lrs[-1] * scale, deadline.elapsed())
+            running_loss, running_agreement = 0.0, 0.0
     draft.eval()
-    draft.save_pretrained(cache_dir / "draft_fp32")
-    log.info("saved the trained draft to %s after %.0f s", cache_dir / "draft_fp32", time.time() - started)
+    out_dir = run_dir(cfg)
+    draft.to("cpu").save_pretrained(out_dir / "draft_fp32")
+    scores = validation_scores(draft.to(device), load_shards(cache_dir / "validation"),
+                               train_cfg.get("score_budgets", [2, 4, 6, 8]))
+    scores.update(steps=total_steps, train_seconds=round(deadline.elapsed(), 1), draft=cfg["draft"])
+    with open(out_dir / "validation.json", "w") as f:
+        json.dump(scores, f, indent=2)
+    log.info("saved the trained draft to %s; validation: %s", out_dir / "draft_fp32", json.dumps(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation: how the draft would do as a greedy speculative drafter on the target's own answers
+
+
+def committed_per_round(matches: list[bool], budget: int) -> tuple[int, int]:
+    """(tokens, rounds) of greedy chain speculation reproducing a sequence, from teacher-forced matches.
+
+    ``matches[j]`` says whether the draft's argmax given the target's first ``j`` tokens is the target's token
+    ``j``. While the draft agrees, its own greedy rollout *is* the target's prefix, so a round starting at
+    ``p`` accepts the run of matches from ``p`` (at most ``budget``, and short enough that the target's own
+    token still fits) and commits one more token: the target's.
+    """
+    position, rounds, total = 0, 0, len(matches)
+    while position < total:
+        limit = min(budget, total - position - 1)
+        accepted = 0
+        while accepted < limit and matches[position + accepted]:
+            accepted += 1
+        position += accepted + 1
+        rounds += 1
+    return total, rounds
+
+
+@torch.no_grad()
+def validation_scores(draft: LlamaForCausalLM, records: list[dict], budgets: list[int]) -> dict:
+    """Agreement and mean committed tokens per round on the (greedy) validation answers."""
+    matched = positions = 0
+    tokens = {k: 0 for k in budgets}
+    rounds = {k: 0 for k in budgets}
+    for record in records:
+        answer_start = record["prompt_len"]
+        sequence = record["input_ids"].long()[None].to(draft.device)
+        predicted = draft(input_ids=sequence).logits[0, answer_start - 1:-1].argmax(-1).cpu()
+        matches = (predicted == record["input_ids"][answer_start:].long()).tolist()
+        matched, positions = matched + sum(matches), positions + len(matches)
+        for k in budgets:
+            t, r = committed_per_round(matches, k)
+            tokens[k], rounds[k] = tokens[k] + t, rounds[k] + r
+    return {
+        "validation_answers": len(records),
+        "validation_tokens": positions,
+        "agreement": matched / max(1, positions),
+        "committed_per_round": {str(k): tokens[k] / max(1, rounds[k]) for k in budgets},
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,14 +633,13 @@ def stage_train(cfg: dict) -> None:
 
 
 def stage_export(cfg: dict) -> None:
-    cache_dir = repo_path(cfg["cache_dir"])
     output_dir = repo_path(cfg["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     target_dir = default_target_dir()
-    draft = LlamaForCausalLM.from_pretrained(cache_dir / "draft_fp32", dtype=torch.float32)
+    draft = LlamaForCausalLM.from_pretrained(run_dir(cfg) / "draft_fp32", dtype=torch.float32)
     draft = draft.to(DTYPES[cfg["export"]["dtype"]])
     draft.config.dtype = cfg["export"]["dtype"]
-    draft.save_pretrained(output_dir)
+    draft.save_pretrained(output_dir, max_shard_size=cfg["export"].get("max_shard_size", "50GB"))
     for name in TOKENIZER_FILES:
         if (target_dir / name).exists():
             shutil.copy2(target_dir / name, output_dir / name)
@@ -464,9 +658,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path(__file__).resolve().parent / "config.json")
     parser.add_argument("--stage", choices=[*STAGES, "all"], default="all")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config entry, e.g. --set draft.num_hidden_layers=3")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])
     for name, stage in STAGES.items():
