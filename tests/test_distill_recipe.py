@@ -1,0 +1,111 @@
+"""The draft-distillation recipe's pure parts: config overrides, batching, the prompt bank's guarantees, and
+the validation score, which must equal an exact simulation of greedy speculative decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import build_model, perturbed_copy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_module(name: str, relative_path: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+distill = load_module("distill_recipe", "recipes/distill_draft/distill.py")
+draft_quality = load_module("draft_quality_benchmark", "benchmarks/draft_quality.py")
+prompt_bank = load_module("prompt_bank", "recipes/distill_draft/prompt_bank.py")
+
+
+def test_set_overrides_nested_entries_and_parses_json_values():
+    cfg = {"draft": {"num_hidden_layers": 2}, "train": {"time_budget_s": 60}, "run_name": "default"}
+    distill.apply_override(cfg, "draft.num_hidden_layers=4")
+    distill.apply_override(cfg, "train.time_budget_s=null")
+    distill.apply_override(cfg, "run_name=layers4b")
+    assert cfg == {"draft": {"num_hidden_layers": 4}, "train": {"time_budget_s": None}, "run_name": "layers4b"}
+
+
+@pytest.mark.parametrize("item", ["no_equals_sign", "=4", "missing.section=1"])
+def test_set_rejects_malformed_overrides(item):
+    with pytest.raises(SystemExit):
+        distill.apply_override({"draft": {}}, item)
+
+
+def test_shipped_configs_parse_and_agree_on_the_draft_vocabulary_setup():
+    for name in ("config.json", "config_gpu.json"):
+        cfg = distill.load_config(REPO_ROOT / "recipes/distill_draft" / name)
+        assert cfg["data"]["num_validation_prompts"] > 0
+        assert cfg["draft"]["tie_word_embeddings"] is False
+    gpu = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_gpu.json")
+    shipped = json.loads((REPO_ROOT / "draft_service/default_model/config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+        assert gpu["draft"][key] == shipped[key], key
+
+
+def test_length_sorted_batches_sort_inside_windows_only():
+    prompts = [[0] * n for n in (5, 1, 4, 2, 9, 7, 8, 6)]
+    batches = distill.length_sorted_batches(prompts, batch_size=2, sort_window=2)
+    assert [[len(p) for p in b] for b in batches] == [[1, 2], [4, 5], [6, 7], [8, 9]]
+    whole = distill.length_sorted_batches(prompts, batch_size=3, sort_window=0)
+    assert [[len(p) for p in b] for b in whole] == [[1, 2, 4], [5, 6, 7], [8, 9]]
+
+
+def test_planned_steps_respects_epochs_max_steps_and_the_time_budget():
+    unlimited = distill.Deadline(None)
+    assert distill.planned_steps({"warmup_steps": 10}, 500, 0.1, unlimited) == 500
+    assert distill.planned_steps({"warmup_steps": 10, "max_steps": 200}, 500, 0.1, unlimited) == 200
+    budget = distill.Deadline(100.0)
+    assert 900 < distill.planned_steps({"warmup_steps": 10}, 5000, 0.1, budget) <= 1000
+
+
+@pytest.mark.parametrize("matches, budget, expected", [
+    ([True] * 10, 4, (10, 2)),      # rounds of 4 accepted + 1 target token
+    ([False] * 6, 4, (6, 6)),       # nothing accepted: one token per round
+    ([True, False, True, True, True, False, True], 8, (7, 3)),
+    ([True] * 5, 0, (5, 5)),        # no drafting at all
+])
+def test_committed_per_round_counts_rounds_of_greedy_chain_speculation(matches, budget, expected):
+    assert distill.committed_per_round(matches, budget) == expected
+
+
+def test_validation_scores_equal_an_exact_simulation_of_speculative_decoding():
+    """Teacher-forced matches give the same rounds as drafting with a KV cache and verifying, budget by budget."""
+    target = build_model("llama", seed=3)
+    draft = perturbed_copy(target, noise=0.03, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    records, simulated = [], {k: [0, 0] for k in (1, 2, 4, 6)}
+    for _ in range(4):
+        prompt = torch.randint(3, 96, (6,), generator=generator).tolist()
+        answer, _ = draft_quality.greedy_decode(target, prompt, max_new_tokens=40, eos_id=-1)
+        records.append({"input_ids": torch.tensor(prompt + answer, dtype=torch.int32), "prompt_len": len(prompt)})
+        for k, totals in simulated.items():
+            tokens, rounds = draft_quality.simulate_speculative(draft, prompt, answer, k)
+            totals[0] += tokens
+            totals[1] += rounds
+    scores = distill.validation_scores(draft, records, list(simulated))
+    assert scores["validation_tokens"] == 160
+    assert 0.2 < scores["agreement"] < 1.0, "the pair must both accept and reject for this test to mean anything"
+    for k, (tokens, rounds) in simulated.items():
+        assert scores["committed_per_round"][str(k)] == pytest.approx(tokens / rounds), k
+
+
+def test_prompt_bank_is_deterministic_distinct_and_disjoint_from_the_held_out_prompts():
+    heldout = distill.read_heldout_prompts(REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
+    prompts = prompt_bank.build_prompts(20000, 1234)
+    assert prompts == prompt_bank.build_prompts(20000, 1234)
+    assert len(set(prompts)) == len(prompts)
+    prompt_bank.assert_disjoint(prompts, heldout)
+    with pytest.raises(AssertionError):
+        prompt_bank.assert_disjoint(prompts + [heldout[0].upper()], heldout)
