@@ -550,7 +550,7 @@ def stage_train(cfg: dict) -> None:
         if step == warmup // 2:
             timing_from = time.time()  # the first steps also pay for start-up (CUDA context, allocator)
         if step == warmup:
-            seconds_per_step = (time.time() - timing_from) / (warmup - warmup // 2)
+            seconds_per_step = (time.time() - timing_from) / max(1, warmup - warmup // 2)
             total_steps = planned_steps(train_cfg, len(schedule), seconds_per_step, deadline)
             log.info("%.3f s per step: %d steps planned (%.2f epochs)", seconds_per_step, total_steps,
                      total_steps / len(epochs[0]))
