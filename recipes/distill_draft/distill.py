@@ -13,7 +13,8 @@ Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``
    argmax) on the answer tokens. Then score it on the validation answers: per-token agreement and the tokens a
    greedy speculative round would commit at several draft budgets.
 3. ``export``: write the draft in the shipped dtype with the target's tokenizer files and a generation config
-   into ``output_dir`` (``draft_service/default_model`` by default).
+   into ``output_dir`` (``config_gpu.json``: ``draft_service/default_model``, the shipped draft; ``config.json``:
+   a folder in the cache, so a CPU rebuild leaves the shipped draft alone).
 
 All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
 ``config_gpu.json``: the same recipe scaled up for one GPU). Paths in it are relative to the repository root.
