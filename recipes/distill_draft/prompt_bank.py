@@ -111,8 +111,6 @@ MATH_CONCEPTS = [
 ]
 
 SINGLE_TEMPLATES = {
-    "question": ["What is {topic}?", "How does {topic} work?", "Why is {topic} important?",
-                 "Can you tell me about {topic}?", "What are the most interesting facts about {topic}?"],
     "explanation": ["Explain {topic} in simple terms.", "Explain {topic} to a ten-year-old.",
                     "Give a short explanation of {topic}.", "Describe {topic} in a few paragraphs."],
     "definition": ["Define {topic}.", "What does the term \"{topic}\" mean?", "Give me a definition of {topic}."],
