@@ -573,10 +573,10 @@ def stage_train(cfg: dict) -> None:
                      base_lrs[-1] * scale, deadline.elapsed())
             running_loss, running_agreement = 0.0, 0.0
     draft.eval()
+    scores = validation_scores(draft, load_shards(cache_dir / "validation"),
+                               train_cfg.get("score_budgets", [2, 4, 6, 8]))
     out_dir = run_dir(cfg)
     draft.to("cpu").save_pretrained(out_dir / "draft_fp32")
-    scores = validation_scores(draft.to(device), load_shards(cache_dir / "validation"),
-                               train_cfg.get("score_budgets", [2, 4, 6, 8]))
     scores.update(steps=total_steps, train_seconds=round(deadline.elapsed(), 1), draft=cfg["draft"])
     with open(out_dir / "validation.json", "w") as f:
         json.dump(scores, f, indent=2)
