@@ -4,20 +4,25 @@ From the timings each round reports, the controller keeps running estimates of
   draft_s_per_token   drafter compute per drafted token
   verify_s(n)         verifier compute for a proposal of n nodes, measured per size
   network_s           round trip minus verifier compute (network, queues, serialisation)
-  acceptance          per-token probability that the target accepts a draft token
+  a_d                 acceptance at depth d: the chance the target accepts draft token d given that it
+                      accepted the d - 1 before it, measured per depth
 and picks the budget k maximising
 
-    expected committed tokens per round   1 + a + a^2 + ... + a^k           (a = acceptance)
+    expected committed tokens per round   1 + s_1 + s_2 + ... + s_k        (s_j = a_1 a_2 ... a_j)
     ─────────────────────────────────── = ────────────────────────────────────────────────────
     expected seconds per round            hit * max(T_draft(k), RTT + T_verify(k))
                                           + (1 - hit) * (T_draft(k) + RTT + T_verify(k))
 
 over k = 0 (no speculation) .. max, with T_verify measured per proposal size (not assumed linear)
 
-where hit = a^(k+1) is the chance that the whole proposal and the drafter's guess of the target's next
+where hit = s_(k+1) is the chance that the whole proposal and the drafter's guess of the target's next
 token are accepted — then the next proposal was drafted during verification and the round costs only the
 slower of the two sides (drafting and verification overlap, DuoDecoding's T_draft ≈ RTT + T_verify
 balance); otherwise the drafter starts over after the verdict. Pure: numbers in, a budget out.
+
+Acceptance is measured per depth because it is not the same at every depth: a distilled draft's agreement
+comes in runs (easy stretches of text, where it keeps agreeing, and hard ones, where it misses at once), so
+a_1 is low and the later a_d are high. One pooled rate would make long proposals look worse than they are.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class BudgetModel:
     draft_s_per_token: float
     verify_points: tuple[tuple[int, float], ...]  # (proposal size, verifier seconds), sizes ascending
     network_s: float
-    acceptance: float
+    acceptance: tuple[float, ...]  # a_1, a_2, ...: acceptance at each depth; deeper depths repeat the last
 
     def verify_s(self, nodes: int) -> float:
         """Verifier compute for a proposal of ``nodes``: measured, else linearly inter-/extrapolated.
@@ -54,14 +59,26 @@ class BudgetModel:
         (x0, y0), (x1, y1) = (below[-1], above[0]) if below and above else (points[-2:] if below else points[:2])
         return max(0.0, y0 + (y1 - y0) * (nodes - x0) / (x1 - x0))
 
+    def acceptance_at(self, depth: int) -> float:
+        """a_depth (depth >= 1), clamped to [0, 1]."""
+        if not self.acceptance:
+            return 0.0
+        return min(max(self.acceptance[min(depth, len(self.acceptance)) - 1], 0.0), 1.0)
+
+    def all_accepted(self, depth: int) -> float:
+        """s_depth: the chance that the first ``depth`` draft tokens are all accepted."""
+        probability = 1.0
+        for d in range(1, depth + 1):
+            probability *= self.acceptance_at(d)
+        return probability
+
     def expected_committed(self, budget: int) -> float:
-        a = min(max(self.acceptance, 0.0), 0.999)
-        return sum(a**i for i in range(budget + 1))
+        return 1.0 + sum(self.all_accepted(j) for j in range(1, budget + 1))
 
     def round_s(self, budget: int) -> float:
         draft_s = self.draft_s_per_token * budget
         verify_s = self.network_s + self.verify_s(budget)
-        hit = min(max(self.acceptance, 0.0), 1.0) ** (budget + 1)
+        hit = self.all_accepted(budget + 1)
         return hit * max(draft_s, verify_s) + (1 - hit) * (draft_s + verify_s)
 
     def tokens_per_s(self, budget: int) -> float:
@@ -82,6 +99,37 @@ class _Ewma:
         self.samples += 1
 
 
+class DepthAcceptance:
+    """Acceptance per depth, learnt from verdicts.
+
+    A verdict that accepted ``a`` of a ``k``-token proposal was a trial at depths 1 .. min(a + 1, k): a
+    success at depths 1 .. a, a failure at depth a + 1 if a < k. Depth d's rate is the recency-weighted share
+    of successes among its trials, shrunk toward depth d - 1's rate (depth 1's toward the prior) by
+    ``shrinkage`` pseudo-trials, so a depth with few trials, or none yet, takes its shallower neighbour's rate.
+    Depths beyond ``max_depth`` share the last one's counts.
+    """
+
+    def __init__(self, prior: float, max_depth: int, memory: float, shrinkage: float = 4.0):
+        self.prior, self.shrinkage = prior, shrinkage
+        self._keep = 1.0 - 1.0 / memory  # each new trial at a depth discounts that depth's older ones
+        self._successes = [0.0] * max_depth
+        self._trials = [0.0] * max_depth
+
+    def observe(self, proposal_size: int, accepted_size: int) -> None:
+        last = len(self._trials) - 1
+        for depth in range(1, min(accepted_size + 1, proposal_size) + 1):
+            index = min(depth, last + 1) - 1
+            self._trials[index] = self._keep * self._trials[index] + 1.0
+            self._successes[index] = self._keep * self._successes[index] + (1.0 if depth <= accepted_size else 0.0)
+
+    def rates(self) -> tuple[float, ...]:
+        rates, shallower = [], self.prior
+        for successes, trials in zip(self._successes, self._trials):
+            shallower = (successes + self.shrinkage * shallower) / (trials + self.shrinkage)
+            rates.append(shallower)
+        return tuple(rates)
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     initial_budget: int = 4
@@ -90,6 +138,7 @@ class ControllerConfig:
     smoothing: float = 0.2  # weight of the newest round in every running estimate
     prior_acceptance: float = 0.6
     probe_every: int = 16  # rounds between probes of an unmeasured or abandoned option
+    acceptance_memory: float = 48.0  # trials at a depth over which its acceptance is averaged
     max_branches: int = 1  # tree width sent with every budget (1: chains); the model above assumes chains
 
 
@@ -105,9 +154,7 @@ class AdaptiveBudget:
         weight = config.smoothing
         self._draft_s_per_token = _Ewma(0.0, weight)
         self._network_s = _Ewma(0.0, weight)
-        # Per-token acceptance as successes / trials: a proposal of k with a accepted tried a + [a < k] tokens.
-        self._accepted = _Ewma(config.prior_acceptance, weight)
-        self._tried = _Ewma(1.0, weight)
+        self._acceptance = DepthAcceptance(config.prior_acceptance, config.max_budget + 1, config.acceptance_memory)
         self._verify_s: dict[int, _Ewma] = {}  # proposal size → verifier seconds
         self._rounds = 0
         self._rounds_since_proposal = 0
@@ -129,6 +176,8 @@ class AdaptiveBudget:
             best = 0  # measure the verifier alone once
         elif best == 0 and self._rounds_since_proposal >= self.config.probe_every:
             best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
+        elif 0 < best < self.config.max_budget and self._rounds % self.config.probe_every == 0:
+            best += 1  # now and then one depth deeper, so a pessimistic estimate there can recover
         self.budget = best
         return self.budget
 
@@ -140,15 +189,12 @@ class AdaptiveBudget:
         self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
         estimate = self._verify_s.setdefault(timings.proposal_size, _Ewma(timings.verify_compute_s, self.config.smoothing))
         estimate.update(timings.verify_compute_s)
-        if timings.proposal_size > 0:
-            rejected = 1 if timings.accepted_size < timings.proposal_size else 0
-            self._accepted.update(timings.accepted_size)
-            self._tried.update(timings.accepted_size + rejected)
+        self._acceptance.observe(timings.proposal_size, timings.accepted_size)
 
     def model(self) -> BudgetModel:
         return BudgetModel(
             draft_s_per_token=self._draft_s_per_token.value,
             verify_points=tuple(sorted((size, ewma.value) for size, ewma in self._verify_s.items())),
             network_s=self._network_s.value,
-            acceptance=self._accepted.value / self._tried.value if self._tried.value > 0 else 0.0,
+            acceptance=self._acceptance.rates(),
         )

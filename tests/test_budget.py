@@ -8,8 +8,10 @@ from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
 from duo_common.events import RoundTimings
 
 
-def model(verify_base_s=0.080, verify_s_per_node=0.001, **overrides):
-    values = dict(draft_s_per_token=0.005, network_s=0.0, acceptance=0.8,
+def model(verify_base_s=0.080, verify_s_per_node=0.001, acceptance=0.8, **overrides):
+    """A BudgetModel; a number for ``acceptance`` means the same rate at every depth."""
+    values = dict(draft_s_per_token=0.005, network_s=0.0,
+                  acceptance=(acceptance,) if isinstance(acceptance, (int, float)) else tuple(acceptance),
                   verify_points=((0, verify_base_s), (16, verify_base_s + 16 * verify_s_per_node)))
     values.update(overrides)
     return BudgetModel(**values)
@@ -18,6 +20,13 @@ def model(verify_base_s=0.080, verify_s_per_node=0.001, **overrides):
 def test_expected_committed_is_the_geometric_sum():
     assert model(acceptance=0.5).expected_committed(3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
     assert model(acceptance=0.0).expected_committed(8) == pytest.approx(1.0)
+
+
+def test_expected_committed_multiplies_the_acceptance_of_each_depth():
+    bursty = model(acceptance=(0.5, 0.9))  # deeper depths repeat the last rate
+    assert bursty.expected_committed(1) == pytest.approx(1.5)
+    assert bursty.expected_committed(3) == pytest.approx(1 + 0.5 + 0.45 + 0.405)
+    assert bursty.all_accepted(3) == pytest.approx(0.405)
 
 
 def test_round_time_overlaps_on_a_hit_and_adds_up_on_a_miss():
@@ -63,9 +72,9 @@ def test_network_latency_is_hidden_by_drafting_more():
     assert far > near
 
 
-def synthetic_round(budget, acceptance, draft_s_per_token, verify_s, network_s):
+def synthetic_round(rng, budget, acceptance, draft_s_per_token, verify_s, network_s):
     accepted = 0
-    while accepted < budget and (accepted + 1) / (budget + 1) <= acceptance:  # deterministic, ≈ geometric mean
+    while accepted < budget and rng.random() < acceptance:  # each token accepted with probability `acceptance`
         accepted += 1
     return RoundTimings(
         draft_compute_s=draft_s_per_token * budget, verify_compute_s=verify_s,
@@ -76,29 +85,63 @@ def synthetic_round(budget, acceptance, draft_s_per_token, verify_s, network_s):
 
 def test_controller_learns_from_rounds_and_adapts_when_latency_changes():
     controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=24))
+    rng = random.Random(0)
     assert controller.initial() == 4
     for _ in range(30):
-        controller.after_round(synthetic_round(controller.budget, 0.8, 0.010, 0.080, 0.0))
+        controller.after_round(synthetic_round(rng, controller.budget, 0.8, 0.010, 0.080, 0.0))
     estimates = controller.model()
     assert estimates.draft_s_per_token == pytest.approx(0.010, rel=0.01)
     assert 0 in dict(estimates.verify_points)  # it measured the verifier alone once
     assert estimates.network_s == pytest.approx(0.0, abs=1e-6)
     near = controller.budget
     for _ in range(30):
-        controller.after_round(synthetic_round(controller.budget, 0.8, 0.010, 0.080, 0.150))
+        controller.after_round(synthetic_round(rng, controller.budget, 0.8, 0.010, 0.080, 0.150))
     assert controller.model().network_s == pytest.approx(0.150, rel=0.05)
     assert controller.budget > near
 
 
 def test_controller_estimates_per_token_acceptance_without_truncation_bias():
-    controller = AdaptiveBudget(ControllerConfig(smoothing=0.05))
+    controller = AdaptiveBudget(ControllerConfig(acceptance_memory=1000))
     # a = 0.75: rounds of budget 4 accept 0..4 tokens in geometric proportions (counts per 256 rounds)
     counts = {0: 64, 1: 48, 2: 36, 3: 27, 4: 81}
     rounds = [accepted for accepted, count in counts.items() for _ in range(count)]
     random.Random(0).shuffle(rounds)
     for accepted in rounds:
         controller.after_round(RoundTimings(0.04, 0.08, 0.08, 4, accepted, 4))
-    assert controller.model().acceptance == pytest.approx(0.75, abs=0.08)
+    for depth in range(1, 5):
+        assert controller.model().acceptance_at(depth) == pytest.approx(0.75, abs=0.03), depth
+
+
+def bursty_accepted(rng: random.Random, budget: int) -> int:
+    """A draft that agrees in runs: half the rounds start on a hard token (nothing accepted); otherwise each
+    further token is accepted with probability 0.9."""
+    if rng.random() < 0.5:
+        return 0
+    accepted = 1
+    while accepted < budget and rng.random() < 0.9:
+        accepted += 1
+    return accepted
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_controller_learns_that_acceptance_comes_in_runs_and_proposes_nearly_the_best_budget(seed):
+    rng = random.Random(seed)
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=12, min_budget=1))
+    successes = trials = 0
+    for _ in range(200):
+        budget = controller.budget
+        accepted = bursty_accepted(rng, budget)
+        successes, trials = successes + accepted, trials + accepted + (accepted < budget)
+        controller.after_round(RoundTimings(0.005 * budget, 0.080, 0.080, budget, accepted, budget))
+    estimates = controller.model()
+    assert estimates.acceptance_at(1) == pytest.approx(0.5, abs=0.15)
+    assert estimates.acceptance_at(3) == pytest.approx(0.9, abs=0.08)
+    truth = model(acceptance=(0.5, 0.9), draft_s_per_token=0.005, verify_s_per_node=0.0)
+    best_rate = max(truth.tokens_per_s(k) for k in range(13))
+    assert truth.tokens_per_s(controller.budget) >= 0.96 * best_rate
+    # One rate pooled over all depths (the model before per-depth acceptance) proposes too little.
+    pooled_choice = model(acceptance=successes / trials, draft_s_per_token=0.005, verify_s_per_node=0.0).best_budget(12)
+    assert truth.tokens_per_s(controller.budget) > truth.tokens_per_s(pooled_choice)
 
 
 def test_controller_turns_speculation_off_and_keeps_probing():

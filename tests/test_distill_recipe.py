@@ -109,3 +109,93 @@ def test_prompt_bank_is_deterministic_distinct_and_disjoint_from_the_held_out_pr
     prompt_bank.assert_disjoint(prompts, heldout)
     with pytest.raises(AssertionError):
         prompt_bank.assert_disjoint(prompts + [heldout[0].upper()], heldout)
+
+
+self_prompts = load_module("self_prompts", "recipes/distill_draft/self_prompts.py")
+
+
+def test_self_prompt_filter_keeps_new_prompts_of_sensible_length_and_nothing_from_the_held_out_set():
+    heldout = ["Why did the Titanic sink?", "Give a step-by-step guide to changing a flat bicycle tyre."]
+    keep = self_prompts.PromptFilter(heldout)
+    assert keep.accept("How do I keep basil alive on a windowsill?")
+    assert not keep.accept("how do I keep basil alive on a windowsill"), "a duplicate up to case and punctuation"
+    assert not keep.accept("Hello there"), "too short"
+    assert not keep.accept(" ".join(["word"] * (self_prompts.MAX_WORDS + 1))), "too long"
+    assert not keep.accept("WHY did the Titanic sink"), "equals a held-out prompt"
+    assert not keep.accept("Please give a step-by-step guide to changing a flat tyre on a car."), "shares six words"
+    assert keep.accept("Give a short guide to fixing a bike chain.")
+
+
+def test_top_p_sampling_draws_only_from_the_nucleus_in_proportion():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
+    generator = torch.Generator().manual_seed(0)
+    tokens = self_prompts.sample_top_p(logits, temperature=1.0, top_p=0.6, generator=generator)
+    counts = torch.bincount(tokens, minlength=3).tolist()
+    assert counts[2] == 0, "the third token lies outside the 0.6 nucleus"
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+    greedy = self_prompts.sample_top_p(logits[:5], temperature=1.0, top_p=0.0, generator=generator)
+    assert greedy.tolist() == [0] * 5
+
+
+class ScriptedTurns:
+    """A stand-in target whose row r writes tokens 10, 11, ... and ends its turn after r + 1 of them;
+    the last row never ends."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, rows: int, end_id: int, vocab: int = 64):
+        self.rows, self.end_id, self.vocab, self.step = rows, end_id, vocab, 0
+
+    def __call__(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=None):
+        logits = torch.full((self.rows, input_ids.shape[1], self.vocab), -1e9)
+        for row in range(self.rows):
+            ends = row < self.rows - 1 and self.step == row + 1
+            logits[row, -1, self.end_id if ends else 10 + self.step] = 0.0
+        self.step += 1
+        return type("Output", (), {"logits": logits})()
+
+
+def test_sampled_user_turns_stop_at_the_end_token_and_drop_unfinished_turns():
+    rows, end_id = 4, 3
+    turns = self_prompts.sample_user_turns(ScriptedTurns(rows, end_id), [1, 5, 6], rows, max_tokens=6,
+                                           temperature=1.0, top_p=0.9, end_id=end_id,
+                                           generator=torch.Generator().manual_seed(0))
+    assert turns == [[10], [10, 11], [10, 11, 12], None]
+
+
+def test_user_turn_prefix_is_the_chat_template_up_to_the_users_words():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "draft_service/default_model")
+    prefix = tokenizer.decode(self_prompts.user_turn_prefix(tokenizer))
+    full = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False)
+    assert prefix.endswith("<|im_start|>user\n")
+    assert full.startswith(prefix + "Hi there")
+
+
+def test_fine_tuning_starts_from_the_given_draft_and_refuses_one_of_another_shape(tmp_path):
+    model = build_model("llama", seed=7)
+    model.save_pretrained(tmp_path / "draft")
+    model.config.save_pretrained(tmp_path / "target")
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "next_token_prefix": "unused by fine-tuning"}
+    cfg = {"train": {"init_from": str(tmp_path / "draft")}, "draft": shape}
+    draft = distill.initial_draft(cfg, tmp_path / "target")
+    assert torch.equal(draft.lm_head.weight, model.lm_head.weight)
+    cfg["draft"] = {**shape, "num_hidden_layers": 4}
+    with pytest.raises(SystemExit, match="num_hidden_layers"):
+        distill.initial_draft(cfg, tmp_path / "target")
+
+
+def test_self_written_prompts_are_read_from_the_cache_and_split_like_bank_prompts(tmp_path):
+    heldout = distill.read_heldout_prompts(REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
+    written = [f"Can you suggest a name for my pet number {i}?" for i in range(6)]
+    (tmp_path / "self_written_prompts.json").write_text(json.dumps(written))
+    cfg = {"cache_dir": str(tmp_path), "heldout_prompts": "benchmarks/prompts/heldout_chat.jsonl",
+           "data": {"prompt_source": "self", "num_prompts": 4, "num_validation_prompts": 2}}
+    assert distill.split_prompts(cfg) == (written[2:], written[:2])
+    (tmp_path / "self_written_prompts.json").write_text(json.dumps(written[:5] + [heldout[3]]))
+    with pytest.raises(AssertionError):
+        distill.split_prompts(cfg)
+    cfg["data"]["prompt_source"] = "hub"
+    with pytest.raises(SystemExit, match="prompt_source"):
+        distill.split_prompts(cfg)

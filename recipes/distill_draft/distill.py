@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from duo_common.default_models import default_target_dir  # noqa: E402
 from prompt_bank import assert_disjoint, build_prompts  # noqa: E402
+from self_prompts import write_prompts  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
@@ -228,13 +230,39 @@ def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int, sort_win
     return batches
 
 
-def split_prompts(cfg: dict) -> tuple[list[str], list[str]]:
-    """(training, validation) prompts, drawn together so they are distinct, both disjoint from the held-out set."""
+def split_prompts(cfg: dict, target=None, tokenizer=None) -> tuple[list[str], list[str]]:
+    """(training, validation) prompts, drawn together so they are distinct, both disjoint from the held-out set.
+
+    ``data.prompt_source`` "bank" (the default) draws them from the template bank; "self" has the target write
+    them (``self_prompts.write_prompts``; needs ``target`` and ``tokenizer``), cached in the cache folder.
+    """
     data_cfg = cfg["data"]
     validation_count = data_cfg.get("num_validation_prompts", 0)
-    prompts = build_prompts(data_cfg["num_prompts"] + validation_count, data_cfg["prompt_seed"])
-    assert_disjoint(prompts, read_heldout_prompts(repo_path(cfg["heldout_prompts"])))
+    count = data_cfg["num_prompts"] + validation_count
+    heldout = read_heldout_prompts(repo_path(cfg["heldout_prompts"]))
+    source = data_cfg.get("prompt_source", "bank")
+    if source == "bank":
+        prompts = build_prompts(count, data_cfg["prompt_seed"])
+    elif source == "self":
+        prompts = cached_self_written_prompts(cfg, count, heldout, target, tokenizer)
+    else:
+        raise SystemExit(f"unknown data.prompt_source {source!r}: use 'bank' or 'self'")
+    assert_disjoint(prompts, heldout)
     return prompts[validation_count:], prompts[:validation_count]
+
+
+def cached_self_written_prompts(cfg: dict, count: int, heldout: list[str], target, tokenizer) -> list[str]:
+    path = repo_path(cfg["cache_dir"]) / "self_written_prompts.json"
+    if path.exists():
+        prompts = json.loads(path.read_text())
+        if len(prompts) >= count:
+            return prompts[:count]
+    started = time.time()
+    prompts = write_prompts(target, tokenizer, count, heldout, cfg["data"]["self_prompts"], cfg["seed"], log)
+    log.info("the target wrote %d prompts in %.0f s", len(prompts), time.time() - started)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prompts, indent=0))
+    return prompts
 
 
 def load_target(target_dir: Path, dtype: torch.dtype, device: torch.device):
@@ -247,7 +275,8 @@ def stage_generate(cfg: dict) -> None:
     device = pick_device(cfg.get("device", "cpu"))
     target_dir = default_target_dir()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    train_prompts, validation_prompts = split_prompts(cfg)
+    target = load_target(target_dir, DTYPES[data_cfg["teacher_dtype"]], device)
+    train_prompts, validation_prompts = split_prompts(cfg, target, tokenizer)
     log.info("%d training and %d validation prompts, disjoint from the held-out set", len(train_prompts),
              len(validation_prompts))
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +285,6 @@ def stage_generate(cfg: dict) -> None:
     with open(cache_dir / "validation_prompts.json", "w") as f:
         json.dump(validation_prompts, f, indent=0)
 
-    target = load_target(target_dir, DTYPES[data_cfg["teacher_dtype"]], device)
     batch_size = data_cfg["batch_size"]
     validation_batches = length_sorted_batches([chat_ids(tokenizer, p) for p in validation_prompts], batch_size, 0)
     write_shards(target, validation_batches, cache_dir / "validation", cfg, tokenizer.eos_token_id,
@@ -409,6 +437,23 @@ def build_draft(cfg: dict, target_dir: Path) -> LlamaForCausalLM:
     return draft
 
 
+def initial_draft(cfg: dict, target_dir: Path) -> LlamaForCausalLM:
+    """The draft to train: a trained draft to fine-tune (``train.init_from``, a folder), or a new one."""
+    init_from = cfg["train"].get("init_from")
+    if not init_from:
+        return build_draft(cfg, target_dir)
+    draft = LlamaForCausalLM.from_pretrained(repo_path(init_from), dtype=torch.float32)
+    target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
+    if draft.config.vocab_size != target_vocab:
+        raise SystemExit(f"train.init_from {init_from}: vocabulary {draft.config.vocab_size}, the target's {target_vocab}")
+    mismatched = {key: (value, getattr(draft.config, key)) for key, value in cfg["draft"].items()
+                  if hasattr(draft.config, key) and getattr(draft.config, key) != value}
+    if mismatched:
+        raise SystemExit(f"train.init_from {init_from} does not match the draft config (config, model): {mismatched}")
+    log.info("fine-tuning the draft in %s", init_from)
+    return draft
+
+
 def make_batches(records: list[dict], batch_sequences: int, rng: random.Random) -> list[list[dict]]:
     """Shuffle, then group sequences of similar length to limit padding."""
     order = list(range(len(records)))
@@ -532,8 +577,18 @@ def stage_train(cfg: dict) -> None:
     records = load_shards(cache_dir / "shards")
     if not records:
         raise SystemExit("no generated data; run --stage generate first")
+    for extra_dir in train_cfg.get("extra_shard_dirs", []):
+        extra = load_shards(repo_path(extra_dir))
+        if not extra:
+            raise SystemExit(f"train.extra_shard_dirs: no shards in {extra_dir}; run that config's generate stage")
+        records += extra
     log.info("%d sequences, %d answer tokens", len(records), sum(len(r["topk_idx"]) for r in records))
-    draft = build_draft(cfg, default_target_dir()).to(device)
+    validation_records = load_shards(cache_dir / "validation")
+    budgets = train_cfg.get("score_budgets", [2, 4, 6, 8])
+    draft = initial_draft(cfg, default_target_dir()).to(device)
+    if train_cfg.get("init_from"):
+        before = validation_scores(draft.eval(), validation_records, budgets)
+        log.info("validation before training: %s", json.dumps(before))
     draft.train()
     log.info("draft parameters: %.2fM, device %s", sum(p.numel() for p in draft.parameters()) / 1e6, device)
     optimizer = make_optimizer(draft, train_cfg)
@@ -573,8 +628,7 @@ def stage_train(cfg: dict) -> None:
                      base_lrs[-1] * scale, deadline.elapsed())
             running_loss, running_agreement = 0.0, 0.0
     draft.eval()
-    scores = validation_scores(draft, load_shards(cache_dir / "validation"),
-                               train_cfg.get("score_budgets", [2, 4, 6, 8]))
+    scores = validation_scores(draft, validation_records, budgets)
     out_dir = run_dir(cfg)
     draft.to("cpu").save_pretrained(out_dir / "draft_fp32")
     scores.update(steps=total_steps, train_seconds=round(deadline.elapsed(), 1), draft=cfg["draft"])
