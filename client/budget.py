@@ -102,8 +102,9 @@ class _Ewma:
 class DepthAcceptance:
     """Acceptance per depth, learnt from verdicts.
 
-    A verdict that accepted ``a`` of a ``k``-token proposal was a trial at depths 1 .. min(a + 1, k): a
-    success at depths 1 .. a, a failure at depth a + 1 if a < k. Depth d's rate is the recency-weighted share
+    A verdict that accepted ``a`` tokens of a proposal ``k`` deep (a chain of k tokens, or a tree whose
+    longest path has k) was a trial at depths 1 .. min(a + 1, k): a success at depths 1 .. a, a failure at
+    depth a + 1 if a < k. For a tree, "accepted at depth d" means some node at depth d was. Depth d's rate is the recency-weighted share
     of successes among its trials, shrunk toward depth d - 1's rate (depth 1's toward the prior) by
     ``shrinkage`` pseudo-trials, so a depth with few trials, or none yet, takes its shallower neighbour's rate.
     Depths beyond ``max_depth`` share the last one's counts.
@@ -115,9 +116,9 @@ class DepthAcceptance:
         self._successes = [0.0] * max_depth
         self._trials = [0.0] * max_depth
 
-    def observe(self, proposal_size: int, accepted_size: int) -> None:
+    def observe(self, proposal_depth: int, accepted_size: int) -> None:
         last = len(self._trials) - 1
-        for depth in range(1, min(accepted_size + 1, proposal_size) + 1):
+        for depth in range(1, min(accepted_size + 1, proposal_depth) + 1):
             index = min(depth, last + 1) - 1
             self._trials[index] = self._keep * self._trials[index] + 1.0
             self._successes[index] = self._keep * self._successes[index] + (1.0 if depth <= accepted_size else 0.0)
@@ -139,7 +140,7 @@ class ControllerConfig:
     prior_acceptance: float = 0.6
     probe_every: int = 16  # rounds between probes of an unmeasured or abandoned option
     acceptance_memory: float = 48.0  # trials at a depth over which its acceptance is averaged
-    max_branches: int = 1  # tree width sent with every budget (1: chains); the model above assumes chains
+    max_branches: int = 1  # tree width sent with every budget (1: chains); the model counts k nodes as k deep
 
 
 class AdaptiveBudget:
@@ -189,7 +190,8 @@ class AdaptiveBudget:
         self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
         estimate = self._verify_s.setdefault(timings.proposal_size, _Ewma(timings.verify_compute_s, self.config.smoothing))
         estimate.update(timings.verify_compute_s)
-        self._acceptance.observe(timings.proposal_size, timings.accepted_size)
+        # A tree's deepest path bounds what can be accepted; a drafter that does not say treats it as a chain.
+        self._acceptance.observe(timings.proposal_depth or timings.proposal_size, timings.accepted_size)
 
     def model(self) -> BudgetModel:
         return BudgetModel(

@@ -111,6 +111,7 @@ class SpeculativeSession:
                 proposal_size=len(tree),
                 accepted_size=len(verdict.accepted_nodes),
                 draft_tokens=(drafter.tokens_drafted - draft_before[1]) if drafter else 0,
+                proposal_depth=max(tree.depths(), default=0),
             )
             self._account(timings)
             new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]

@@ -16,6 +16,7 @@ class RoundTimings:
     proposal_size: int
     accepted_size: int
     draft_tokens: int = 0  # draft forward steps behind draft_compute_s (the proposal and drafting ahead)
+    proposal_depth: int = 0  # longest path of the proposed tree (= proposal_size for a chain); 0: unknown
 
 
 @dataclass(frozen=True)

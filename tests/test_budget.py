@@ -157,3 +157,15 @@ def test_controller_turns_speculation_off_and_keeps_probing():
                                             budget))
     assert budgets[-20:].count(0) >= 14  # mostly off
     assert any(b > 0 for b in budgets[-20:])  # but it keeps probing
+
+
+def test_a_fully_accepted_tree_path_is_no_rejection_at_the_next_depth():
+    tree = AdaptiveBudget(ControllerConfig(prior_acceptance=0.5, acceptance_memory=1000))
+    chain = AdaptiveBudget(ControllerConfig(prior_acceptance=0.5, acceptance_memory=1000))
+    for _ in range(20):
+        # 5 nodes, 3 deep, the deepest path accepted: nothing was tried (or rejected) at depth 4
+        tree.after_round(RoundTimings(0.02, 0.08, 0.08, 5, 3, 5, proposal_depth=3))
+        chain.after_round(RoundTimings(0.02, 0.08, 0.08, 5, 3, 5, proposal_depth=5))
+    assert tree.model().acceptance_at(3) > 0.9
+    assert tree.model().acceptance_at(4) > 0.9, "an untried depth takes its shallower neighbour's rate"
+    assert chain.model().acceptance_at(4) < 0.2, "a chain of 5 that stopped at 3 was rejected at depth 4"

@@ -34,6 +34,10 @@ def test_tokens_equal_target_alone(tiny_pair, tiny_services, prompt, budget, max
         assert stats.drafted_tokens > 0
         assert 0 < stats.accepted_tokens < stats.drafted_tokens  # both acceptance and rejection happened
         assert stats.rounds < len(expected)  # speculation saved verification rounds
+        for timings in result.rounds:  # every round reports its tree's depth (what the budget model needs)
+            assert timings.accepted_size <= timings.proposal_depth <= timings.proposal_size
+            if max_branches == 1:
+                assert timings.proposal_depth == timings.proposal_size
 
 
 @pytest.mark.parametrize("max_branches", [1, 3])
