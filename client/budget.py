@@ -13,7 +13,8 @@ and picks the budget k maximising
     expected seconds per round            hit * max(T_draft(k), RTT + T_verify(k))
                                           + (1 - hit) * (T_draft(k) + RTT + T_verify(k))
 
-over k = 0 (no speculation) .. max, with T_verify measured per proposal size (not assumed linear)
+over k = 0 (no speculation) .. max, with T_verify measured per proposal size (not assumed linear); for a
+token tree of k nodes the sum runs to its depth D(k), measured per size like T_verify
 
 where hit = s_(k+1) is the chance that the whole proposal and the drafter's guess of the target's next
 token are accepted — then the next proposal was drafted during verification and the round costs only the
@@ -40,6 +41,7 @@ class BudgetModel:
     verify_points: tuple[tuple[int, float], ...]  # (proposal size, verifier seconds), sizes ascending
     network_s: float
     acceptance: tuple[float, ...]  # a_1, a_2, ...: acceptance at each depth; deeper depths repeat the last
+    depth_points: tuple[tuple[int, float], ...] = ()  # (proposal size, mean tree depth); none: chains
 
     def verify_s(self, nodes: int) -> float:
         """Verifier compute for a proposal of ``nodes``: measured, else linearly inter-/extrapolated.
@@ -72,13 +74,24 @@ class BudgetModel:
             probability *= self.acceptance_at(d)
         return probability
 
+    def depth(self, nodes: int) -> float:
+        """Mean depth of a proposal of ``nodes``: measured, else the nearest measured size's depth per node
+        times ``nodes`` (a chain, depth = nodes, where none is measured). A tree is shallower than its size."""
+        if nodes <= 0 or not self.depth_points:
+            return float(max(nodes, 0))
+        size, depth = min(self.depth_points, key=lambda point: (abs(point[0] - nodes), point[0]))
+        return depth if size == nodes else min(float(nodes), max(1.0, depth / size * nodes))
+
     def expected_committed(self, budget: int) -> float:
-        return 1.0 + sum(self.all_accepted(j) for j in range(1, budget + 1))
+        depth = self.depth(budget)
+        whole = int(depth)
+        committed = 1.0 + sum(self.all_accepted(j) for j in range(1, whole + 1))
+        return committed + (depth - whole) * self.all_accepted(whole + 1)
 
     def round_s(self, budget: int) -> float:
         draft_s = self.draft_s_per_token * budget
         verify_s = self.network_s + self.verify_s(budget)
-        hit = self.all_accepted(budget + 1)
+        hit = self.all_accepted(round(self.depth(budget)) + 1)
         return hit * max(draft_s, verify_s) + (1 - hit) * (draft_s + verify_s)
 
     def tokens_per_s(self, budget: int) -> float:
@@ -104,8 +117,8 @@ class DepthAcceptance:
 
     A verdict that accepted ``a`` tokens of a proposal ``k`` deep (a chain of k tokens, or a tree whose
     longest path has k) was a trial at depths 1 .. min(a + 1, k): a success at depths 1 .. a, a failure at
-    depth a + 1 if a < k. For a tree, "accepted at depth d" means some node at depth d was. Depth d's rate is the recency-weighted share
-    of successes among its trials, shrunk toward depth d - 1's rate (depth 1's toward the prior) by
+    depth a + 1 if a < k. For a tree, "accepted at depth d" means some node at depth d was. Depth d's rate
+    is the recency-weighted share of successes among its trials, shrunk toward depth d - 1's rate (depth 1's toward the prior) by
     ``shrinkage`` pseudo-trials, so a depth with few trials, or none yet, takes its shallower neighbour's rate.
     Depths beyond ``max_depth`` share the last one's counts.
     """
@@ -140,7 +153,7 @@ class ControllerConfig:
     prior_acceptance: float = 0.6
     probe_every: int = 16  # rounds between probes of an unmeasured or abandoned option
     acceptance_memory: float = 48.0  # trials at a depth over which its acceptance is averaged
-    max_branches: int = 1  # tree width sent with every budget (1: chains); the model counts k nodes as k deep
+    max_branches: int = 1  # tree width sent with every budget (1: chains)
 
 
 class AdaptiveBudget:
@@ -157,6 +170,7 @@ class AdaptiveBudget:
         self._network_s = _Ewma(0.0, weight)
         self._acceptance = DepthAcceptance(config.prior_acceptance, config.max_budget + 1, config.acceptance_memory)
         self._verify_s: dict[int, _Ewma] = {}  # proposal size → verifier seconds
+        self._depth: dict[int, _Ewma] = {}  # proposal size → tree depth (as the drafter reports it)
         self._rounds = 0
         self._rounds_since_proposal = 0
         self.budget = config.initial_budget
@@ -191,7 +205,10 @@ class AdaptiveBudget:
         estimate = self._verify_s.setdefault(timings.proposal_size, _Ewma(timings.verify_compute_s, self.config.smoothing))
         estimate.update(timings.verify_compute_s)
         # A tree's deepest path bounds what can be accepted; a drafter that does not say treats it as a chain.
-        self._acceptance.observe(timings.proposal_depth or timings.proposal_size, timings.accepted_size)
+        depth = timings.proposal_depth or timings.proposal_size
+        self._acceptance.observe(depth, timings.accepted_size)
+        if timings.proposal_size > 0:
+            self._depth.setdefault(timings.proposal_size, _Ewma(depth, self.config.smoothing)).update(depth)
 
     def model(self) -> BudgetModel:
         return BudgetModel(
@@ -199,4 +216,5 @@ class AdaptiveBudget:
             verify_points=tuple(sorted((size, ewma.value) for size, ewma in self._verify_s.items())),
             network_s=self._network_s.value,
             acceptance=self._acceptance.rates(),
+            depth_points=tuple(sorted((size, ewma.value) for size, ewma in self._depth.items())),
         )

@@ -169,3 +169,19 @@ def test_a_fully_accepted_tree_path_is_no_rejection_at_the_next_depth():
     assert tree.model().acceptance_at(3) > 0.9
     assert tree.model().acceptance_at(4) > 0.9, "an untried depth takes its shallower neighbour's rate"
     assert chain.model().acceptance_at(4) < 0.2, "a chain of 5 that stopped at 3 was rejected at depth 4"
+
+
+def test_a_tree_commits_along_its_depth_not_its_size():
+    chain = model(acceptance=0.8)
+    tree = model(acceptance=0.8, depth_points=((4, 3.0), (8, 5.5)))
+    assert tree.expected_committed(4) == pytest.approx(chain.expected_committed(3))
+    assert tree.expected_committed(8) == pytest.approx(1 + 0.8 + 0.64 + 0.512 + 0.4096 + 0.32768 + 0.5 * 0.262144)
+    assert tree.depth(16) == pytest.approx(11.0)  # the nearest measured size's depth per node
+    assert tree.depth(1) == pytest.approx(1.0)
+
+
+def test_controller_measures_the_depth_of_the_trees_it_gets():
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=6, max_budget=12))
+    for _ in range(10):
+        controller.after_round(RoundTimings(0.02, 0.08, 0.08, 6, 2, 6, proposal_depth=4))
+    assert controller.model().depth(6) == pytest.approx(4.0)
