@@ -44,14 +44,16 @@ def test_set_rejects_malformed_overrides(item):
 
 
 def test_shipped_configs_parse_and_agree_on_the_draft_vocabulary_setup():
-    for name in ("config.json", "config_gpu.json"):
+    for name in ("config.json", "config_gpu.json", "config_self_cpu.json"):
         cfg = distill.load_config(REPO_ROOT / "recipes/distill_draft" / name)
         assert cfg["data"]["num_validation_prompts"] > 0
         assert cfg["draft"]["tie_word_embeddings"] is False
     gpu = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_gpu.json")
+    fine_tune = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_self_cpu.json")
+    assert fine_tune["train"]["init_from"] == gpu["output_dir"]  # fine-tunes what the GPU config exports
     shipped = json.loads((REPO_ROOT / "draft_service/default_model/config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
-        assert gpu["draft"][key] == shipped[key], key
+        assert gpu["draft"][key] == shipped[key] == fine_tune["draft"][key], key
 
 
 def test_length_sorted_batches_sort_inside_windows_only():

@@ -2,13 +2,14 @@
 
 Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``--stage``):
 
-1. ``generate``: build the training and validation prompts (``prompt_bank.build_prompts``, fixed seed), check
+1. ``generate``: build the training and validation prompts (``prompt_bank.build_prompts``, fixed seed; or,
+   with ``data.prompt_source`` "self", prompts the target writes itself: ``self_prompts.write_prompts``), check
    they are disjoint from the held-out benchmark prompts, format them with the target's chat template, and let
    the target answer them in left-padded batches (greedy and sampled batches alternate; validation answers are
    greedy). At every answer position the target's top-k next-token logits are kept as the distillation signal.
    Each batch is written as a shard under ``<cache_dir>/shards`` so the stage can resume.
 2. ``train``: build a small Llama draft (same tokenizer and vocabulary, initialised from the target's output
-   layer and its next-token hidden states) and train it with teacher forcing to match the target's next-token
+   layer and its next-token hidden states; or, with ``train.init_from``, start from a trained draft) and train it with teacher forcing to match the target's next-token
    distribution (soft cross-entropy against the renormalised top-k plus a small hard-label term on the target's
    argmax) on the answer tokens. Then score it on the validation answers: per-token agreement and the tokens a
    greedy speculative round would commit at several draft budgets.
@@ -17,7 +18,8 @@ Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``
    a folder in the cache, so a CPU rebuild leaves the shipped draft alone).
 
 All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
-``config_gpu.json``: the same recipe scaled up for one GPU). Paths in it are relative to the repository root.
+``config_gpu.json``: the same recipe scaled up for one GPU; ``config_self_cpu.json``: a CPU fine-tune of the
+GPU-built draft on answers to prompts the target wrote). Paths in it are relative to the repository root.
 ``--set key.sub=value`` overrides one entry (the value is parsed as JSON when it can be). The target folder
 comes from ``duo_common.default_models.default_target_dir()``.
 """
@@ -296,7 +298,8 @@ def stage_generate(cfg: dict) -> None:
     write_shards(target, train_batches, cache_dir / "shards", cfg, tokenizer.eos_token_id,
                  sampled_every=round(1 / sampled_fraction) if sampled_fraction else 0,
                  deadline=Deadline(data_cfg.get("time_budget_s")))
-    cached_next_token_states(cfg, target_dir, tokenizer, target)  # the train stage's initialisation, once
+    if not cfg["train"].get("init_from"):
+        cached_next_token_states(cfg, target_dir, tokenizer, target)  # the train stage's initialisation, once
 
 
 def write_shards(target, batches: list[list[list[int]]], shard_dir: Path, cfg: dict, eos_id: int,
