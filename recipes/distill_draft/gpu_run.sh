@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build duo's default draft on one GPU with config_gpu.json: the teacher data once, then one draft per depth
 # given (default: 4 layers, the shipped depth) trained side by side on the same GPU, then the run that commits the most
-# tokens per round on the validation answers exported into draft_service/default_model. A depth with a
-# letter after it ("4b") trains that depth again under another name: a check that a retrain reproduces.
+# tokens per round on the validation answers exported into the config's output_dir (/tmp/duo_distill_gpu/export),
+# which step 2 (config_self_cpu.json, see README.md) fine-tunes into draft_service/default_model. A depth with
+# a letter after it ("4b") trains that depth again under another name: a check that a retrain reproduces.
 #
 #   bash recipes/distill_draft/gpu_run.sh [LAYERS ...]      # logs go to $LOG_DIR (default <cache_dir>/logs)
 set -euo pipefail
