@@ -134,7 +134,8 @@ class DepthAcceptance:
         for depth in range(1, min(accepted_size + 1, proposal_depth) + 1):
             index = min(depth, last + 1) - 1
             self._trials[index] = self._keep * self._trials[index] + 1.0
-            self._successes[index] = self._keep * self._successes[index] + (1.0 if depth <= accepted_size else 0.0)
+            accepted = 1.0 if depth <= accepted_size else 0.0
+            self._successes[index] = self._keep * self._successes[index] + accepted
 
     def rates(self) -> tuple[float, ...]:
         rates, shallower = [], self.prior

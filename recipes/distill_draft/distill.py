@@ -9,13 +9,15 @@ Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``
    greedy). At every answer position the target's top-k next-token logits are kept as the distillation signal.
    Each batch is written as a shard under ``<cache_dir>/shards`` so the stage can resume.
 2. ``train``: build a small Llama draft (same tokenizer and vocabulary, initialised from the target's output
-   layer and its next-token hidden states; or, with ``train.init_from``, start from a trained draft) and train it with teacher forcing to match the target's next-token
-   distribution (soft cross-entropy against the renormalised top-k plus a small hard-label term on the target's
-   argmax) on the answer tokens. Then score it on the validation answers: per-token agreement and the tokens a
-   greedy speculative round would commit at several draft budgets.
+   layer and its next-token hidden states; with ``train.init_from``, start from a trained draft instead) and
+   train it with teacher forcing to match the target's next-token distribution (soft cross-entropy against the
+   renormalised top-k plus a small hard-label term on the target's argmax) on the answer tokens. Then score it
+   on the validation answers: per-token agreement and the tokens a greedy speculative round would commit at
+   several draft budgets.
 3. ``export``: write the draft in the shipped dtype with the target's tokenizer files and a generation config
-   into ``output_dir`` (``config_gpu.json``: ``draft_service/default_model``, the shipped draft; ``config.json``:
-   a folder in the cache, so a CPU rebuild leaves the shipped draft alone).
+   into ``output_dir`` (``config_self_cpu.json``: ``draft_service/default_model``, the shipped draft;
+   ``config_gpu.json``: the folder that config fine-tunes from; ``config.json``: a folder in its cache, so a
+   CPU rebuild leaves the shipped draft alone).
 
 All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
 ``config_gpu.json``: the same recipe scaled up for one GPU; ``config_self_cpu.json``: a CPU fine-tune of the
@@ -448,11 +450,13 @@ def initial_draft(cfg: dict, target_dir: Path) -> LlamaForCausalLM:
     draft = LlamaForCausalLM.from_pretrained(repo_path(init_from), dtype=torch.float32)
     target_vocab = AutoConfig.from_pretrained(target_dir).vocab_size
     if draft.config.vocab_size != target_vocab:
-        raise SystemExit(f"train.init_from {init_from}: vocabulary {draft.config.vocab_size}, the target's {target_vocab}")
+        raise SystemExit(f"train.init_from {init_from}: vocabulary {draft.config.vocab_size}, "
+                         f"the target's {target_vocab}")
     mismatched = {key: (value, getattr(draft.config, key)) for key, value in cfg["draft"].items()
                   if hasattr(draft.config, key) and getattr(draft.config, key) != value}
     if mismatched:
-        raise SystemExit(f"train.init_from {init_from} does not match the draft config (config, model): {mismatched}")
+        raise SystemExit(f"train.init_from {init_from} does not match the draft config (config, model): "
+                         f"{mismatched}")
     log.info("fine-tuning the draft in %s", init_from)
     return draft
 
@@ -589,6 +593,7 @@ def stage_train(cfg: dict) -> None:
     validation_records = load_shards(cache_dir / "validation")
     budgets = train_cfg.get("score_budgets", [2, 4, 6, 8])
     draft = initial_draft(cfg, default_target_dir()).to(device)
+    before = None
     if train_cfg.get("init_from"):
         before = validation_scores(draft.eval(), validation_records, budgets)
         log.info("validation before training: %s", json.dumps(before))
@@ -635,6 +640,8 @@ def stage_train(cfg: dict) -> None:
     out_dir = run_dir(cfg)
     draft.to("cpu").save_pretrained(out_dir / "draft_fp32")
     scores.update(steps=total_steps, train_seconds=round(deadline.elapsed(), 1), draft=cfg["draft"])
+    if before is not None:
+        scores["before_training"] = before
     with open(out_dir / "validation.json", "w") as f:
         json.dump(scores, f, indent=2)
     log.info("saved the trained draft to %s; validation: %s", out_dir / "draft_fp32", json.dumps(scores))
