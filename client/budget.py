@@ -118,8 +118,9 @@ class DepthAcceptance:
     A verdict that accepted ``a`` tokens of a proposal ``k`` deep (a chain of k tokens, or a tree whose
     longest path has k) was a trial at depths 1 .. min(a + 1, k): a success at depths 1 .. a, a failure at
     depth a + 1 if a < k. For a tree, "accepted at depth d" means some node at depth d was. Depth d's rate
-    is the recency-weighted share of successes among its trials, shrunk toward depth d - 1's rate (depth 1's toward the prior) by
-    ``shrinkage`` pseudo-trials, so a depth with few trials, or none yet, takes its shallower neighbour's rate.
+    is the recency-weighted share of successes among its trials, shrunk toward depth d - 1's rate (depth 1's
+    toward the prior) by ``shrinkage`` pseudo-trials, so a depth with few trials, or none yet, takes its
+    shallower neighbour's rate.
     Depths beyond ``max_depth`` share the last one's counts.
     """
 
@@ -130,9 +131,8 @@ class DepthAcceptance:
         self._trials = [0.0] * max_depth
 
     def observe(self, proposal_depth: int, accepted_size: int) -> None:
-        last = len(self._trials) - 1
         for depth in range(1, min(accepted_size + 1, proposal_depth) + 1):
-            index = min(depth, last + 1) - 1
+            index = min(depth, len(self._trials)) - 1
             self._trials[index] = self._keep * self._trials[index] + 1.0
             accepted = 1.0 if depth <= accepted_size else 0.0
             self._successes[index] = self._keep * self._successes[index] + accepted
