@@ -2,11 +2,15 @@
 
 Shape rule (best-first on estimated path probabilities). A *candidate* is "the r-th child of node n"; its
 prior is path_prob(n) × the chance that the committed sequence continues through that child once it has
-reached n. That chance is learned online from the session's verdicts (``RankAcceptance``: Sequoia's
-acceptance vector by sibling rank, kept separately by how sure the draft is at n, i.e. the bucket of its
+reached n. That chance is learned online from the session's verdicts. Sampling: ``RankAcceptance``,
+Sequoia's acceptance vector by sibling rank, kept separately by how sure the draft is at n (the bucket of its
 top probability), so the tree branches where the draft is unsure *and* such nodes are in fact often
-rejected. (The raw draft probability is a poor stand-in: a draft equal to the target at a flat
-distribution would have its first choice always accepted.) Each growth step drafts, in one forward pass, the best candidate plus up to
+rejected (the raw draft probability is a poor stand-in there: a draft equal to the target at a flat
+distribution would have its first choice always accepted). Greedy: the r-th child is the draft's r-th most
+likely token, known before it is drafted, and the target keeps it exactly when it is the target's argmax,
+so ``CalibratedProbability`` uses the draft's probability of that token, corrected by how often tokens of
+such probability were in fact the target's (a distilled draft is close to calibrated, another may not
+be). Each growth step drafts, in one forward pass, the best candidate plus up to
 ``max_branches`` - 1 more whose prior beats what the best one's own child is expected to get (best prior ×
 its per-step factor): DuoDecoding's rule (branch on the top-k first tokens when their probability beats the
 product of the first two greedy probabilities), generalised to any depth. A proposal is the best
@@ -62,6 +66,7 @@ class RankAcceptance:
     Beta prior of ``weight`` pseudo-observations (rank 0 at the bucket's middle, later ranks lower)."""
 
     BUCKETS = (0.3, 0.6, 0.9)  # upper edges; the last bucket is [0.9, 1]
+    sees_every_sibling = False  # the verifier tries siblings in rank order and stops at an acceptance
 
     def __init__(self, weight: float = 4.0):
         middles = (0.2, 0.45, 0.75, 0.95)
@@ -71,18 +76,47 @@ class RankAcceptance:
     def bucket(self, top_prob: float) -> int:
         return next((index for index, edge in enumerate(self.BUCKETS) if top_prob < edge), len(self.BUCKETS))
 
-    def record(self, top_prob: float, rank: int, accepted: bool) -> None:
-        bucket = self.bucket(top_prob)
+    def record(self, top: list[float], rank: int, accepted: bool) -> None:
+        bucket = self.bucket(top[0])
         self._tried[bucket][rank] += 1.0
         self._accepted[bucket][rank] += float(accepted)
 
-    def through(self, top_prob: float, rank: int) -> float:
-        """P(the committed sequence continues through the rank-``rank`` child, given its parent)."""
-        accepted, tried = self._accepted[self.bucket(top_prob)], self._tried[self.bucket(top_prob)]
+    def through(self, top: list[float], rank: int) -> float:
+        """P(the committed sequence continues through the rank-``rank`` child, given its parent);
+        ``top``: the parent's largest draft probabilities."""
+        accepted, tried = self._accepted[self.bucket(top[0])], self._tried[self.bucket(top[0])]
         chance = 1.0
         for earlier in range(rank):
             chance *= 1.0 - accepted[earlier] / tried[earlier]
         return chance * accepted[rank] / tried[rank]
+
+
+class CalibratedProbability:
+    """Greedy: P(the target's argmax is the draft's rank-r token) = its draft probability q × a correction
+    learned per bucket of q (observed hits over the hits q predicted, from a prior of ``weight``
+    pseudo-observations at ratio 1), so the order of tokens inside a bucket is kept."""
+
+    BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # upper edges
+    sees_every_sibling = True  # greedy verification compares every child with the target's argmax
+
+    def __init__(self, weight: float = 4.0):
+        self._hits = [weight] * (len(self.BUCKETS) + 1)
+        self._predicted = [weight] * (len(self.BUCKETS) + 1)
+
+    def bucket(self, probability: float) -> int:
+        return next((index for index, edge in enumerate(self.BUCKETS) if probability < edge), len(self.BUCKETS))
+
+    def record(self, top: list[float], rank: int, accepted: bool) -> None:
+        bucket = self.bucket(top[rank])
+        self._hits[bucket] += float(accepted)
+        self._predicted[bucket] += top[rank]
+
+    def through(self, top: list[float], rank: int) -> float:
+        bucket = self.bucket(top[rank])
+        return min(1.0, top[rank] * self._hits[bucket] / self._predicted[bucket])
+
+
+ChildAcceptance = RankAcceptance | CalibratedProbability
 
 
 class DraftTree:
@@ -116,7 +150,7 @@ class DraftTree:
     def path_prob(self, node: int) -> float:
         return 1.0 if node == ROOT else self.nodes[node].prior
 
-    def candidates(self, max_branches: int, expandable, ranks: RankAcceptance) -> list[Candidate]:
+    def candidates(self, max_branches: int, expandable, ranks: ChildAcceptance) -> list[Candidate]:
         """Every possible next child (at most ``max_branches`` per node), best prior first."""
         found = []
         for node in [ROOT, *range(len(self.nodes))]:
@@ -126,12 +160,12 @@ class DraftTree:
             for rank in range(len(self.children(node)), min(max_branches, len(top))):
                 if top[rank] <= 0.0:
                     break  # nothing left to draw a further sibling from
-                factor = ranks.through(top[0], rank)
+                factor = ranks.through(top, rank)
                 found.append(Candidate(node, rank, self.path_prob(node) * factor, factor))
         found.sort(key=lambda candidate: -candidate.prior)
         return found
 
-    def next_batch(self, max_branches: int, expandable, ranks: RankAcceptance) -> list[Candidate]:
+    def next_batch(self, max_branches: int, expandable, ranks: ChildAcceptance) -> list[Candidate]:
         """What one forward pass drafts: the best candidate, and up to ``max_branches`` - 1 others whose prior
         beats the best one's expected child (so a confident draft grows a chain, an unsure one branches)."""
         found = self.candidates(max_branches, expandable, ranks)
@@ -141,16 +175,17 @@ class DraftTree:
         bar = best.prior * best.factor
         return [best] + [c for c in found[1:max_branches] if c.prior > bar]
 
-    def observe(self, proposed: set[int], committed: list[int], ranks: RankAcceptance) -> None:
-        """Record, along the committed tokens, which proposed children the verifier tried and accepted."""
+    def observe(self, proposed: set[int], committed: list[int], ranks: ChildAcceptance) -> None:
+        """Record, along the committed tokens, which proposed children the verifier tried and accepted
+        (greedy verification compares every child, sampled verification tries them in rank order)."""
         node = ROOT
         for token in committed:
             children = [child for child in self.children(node) if child in proposed]
             accepted = next((child for child in children if self.nodes[child].token == token), None)
             top = self.root_top if node == ROOT else self.nodes[node].top_probs
             for child in children:
-                ranks.record(top[0], self.nodes[child].rank, child == accepted)
-                if child == accepted:
+                ranks.record(top, self.nodes[child].rank, child == accepted)
+                if child == accepted and not ranks.sees_every_sibling:
                     break
             if accepted is None:
                 return

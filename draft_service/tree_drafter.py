@@ -7,6 +7,10 @@ extends a chain needs none). When the verifier commits tokens, the nodes along t
 prefix and, if the committed tokens end on a drafted node, that node's subtree is kept: the cache keeps
 exactly those slots (``select_cache_positions``), or is cropped to the common prefix. It is never
 re-prefilled. With ``max_branches`` 1 the tree is a chain and this is plain chain drafting.
+
+Every distribution the draft model gives is first mixed with a copy from the context (``ContextCopy``: the
+token that followed the last earlier occurrence of the current suffix, at its measured hit rate), unless
+``context_copy`` is off.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from draft_service.draft_tree import MAX_WIDTH, DraftTree, RankAcceptance
+from draft_service.context_copy import ContextCopy
+from draft_service.draft_tree import MAX_WIDTH, CalibratedProbability, DraftTree, RankAcceptance
 from duo_common.models import select_cache_positions, truncate_cache
 from duo_common.params import DecodingParams
 from duo_common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
@@ -35,6 +40,7 @@ class TreeDrafter:
         max_tokens: int,
         max_branches: Callable[[], int] = lambda: 1,
         tree_attention: bool = False,
+        context_copy: bool = True,
     ):
         self._model = model
         self._device = next(model.parameters()).device
@@ -50,7 +56,8 @@ class TreeDrafter:
         self._fed = 0  # committed tokens in the cache; the tree's nodes follow them
         self._tree = DraftTree()
         self._proposed: set[int] = set()  # the last proposal's nodes (to learn rank acceptance from the verdict)
-        self._ranks = RankAcceptance()
+        self._ranks = CalibratedProbability() if params.is_greedy else RankAcceptance()
+        self._copy = ContextCopy() if context_copy else None
         self.compute_s = 0.0
         self.tokens_drafted = 0
 
@@ -87,6 +94,8 @@ class TreeDrafter:
             self._fed = common
             self._tree = DraftTree()
         self._committed = list(committed)
+        if self._copy is not None:
+            self._copy.observe(self._committed)
         self._proposed = set()
         self.compute_s += time.perf_counter() - started
 
@@ -110,7 +119,7 @@ class TreeDrafter:
                 tail = self._committed[self._fed:]
                 logits = self._forward(tail, None)
                 self._fed = len(self._committed)
-                self._tree.set_next_probs(ROOT, self._probs(logits[-1]))
+                self._tree.set_next_probs(ROOT, self._probs(logits[-1], ROOT))
                 return True
             if self._tree.root_probs is None:
                 return False
@@ -137,7 +146,7 @@ class TreeDrafter:
             return False
         logits = self._forward([self._tree.nodes[node].token for node in added], added)
         for row, node in enumerate(added):
-            self._tree.set_next_probs(node, self._probs(logits[row]))
+            self._tree.set_next_probs(node, self._probs(logits[row], node))
         self.tokens_drafted += len(added)
         return True
 
@@ -147,13 +156,16 @@ class TreeDrafter:
             return False
         return len(self._committed) + self._tree.depth(node) < self._max_tokens
 
-    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The draft's distribution for the next token: what it samples from (sampling), or its softmax
-        (greedy: the drafted tokens are its top choices; the softmax's top probability buckets confidence)."""
+    def _probs(self, logits: torch.Tensor, node: int) -> torch.Tensor:
+        """The distribution for the children of ``node``: what the drafter samples from (sampling), or whose
+        top tokens it drafts (greedy: the softmax, whose probabilities also shape the tree); then mixed with
+        the context's copy."""
         logits = _pad_vocab(logits, self._target_vocab_size)
-        if self._params.is_greedy:
-            return torch.softmax(logits, dim=-1)
-        return logits_to_probs(logits, self._params)
+        probs = torch.softmax(logits, dim=-1) if self._params.is_greedy else logits_to_probs(logits, self._params)
+        if self._copy is None:
+            return probs
+        path = tuple(self._tree.nodes[n].token for n in self._tree.ancestors(node))
+        return self._copy.mix(probs, self._copy.suggest(path))
 
     def _forward(self, tokens: list[int], nodes: list[int] | None) -> torch.Tensor:
         """Logits [len(tokens), vocab] (float32, CPU); ``nodes``: the tree nodes being fed (None: committed)."""

@@ -223,6 +223,7 @@ def test_drafter_seed_is_derived_not_shared():
 
 SAMPLING = DecodingParams(temperature=1.0, top_k=3)
 PROMPT = (1, 5, 9, 20)
+REPEATING_PROMPT = (1, 8, 15, 18, 90, 21, 15)  # after "15 18" the drafter mixes in a copy of 90, which the draft alone misses
 LENGTH = 3
 
 
@@ -271,15 +272,16 @@ def total_variation(counts: dict, total: int, exact: dict) -> float:
     return 0.5 * sum(abs(counts.get(key, 0) / total - exact.get(key, 0.0)) for key in set(counts) | set(exact))
 
 
-@pytest.mark.parametrize("max_branches", [1, 3], ids=["chains", "trees"])
-def test_whole_stack_samples_the_targets_distribution(sampling_services, max_branches):
+@pytest.mark.parametrize(("max_branches", "prompt"), [(1, PROMPT), (3, PROMPT), (3, REPEATING_PROMPT)],
+                         ids=["chains", "trees", "trees-copying-context"])
+def test_whole_stack_samples_the_targets_distribution(sampling_services, max_branches, prompt):
     services, target = sampling_services
-    exact = exact_target_distribution(target, PROMPT, SAMPLING, LENGTH)
+    exact = exact_target_distribution(target, prompt, SAMPLING, LENGTH)
     counts: dict = {}
     distances = {}
     rounds = accepted = drafted = 0
     for sample in range(1, 801):
-        result = generate(services, seed=sample, max_branches=max_branches)
+        result = generate(services, seed=sample, max_branches=max_branches, prompt=prompt)
         key = tuple(result.token_ids)
         counts[key] = counts.get(key, 0) + 1
         rounds += result.server_stats.rounds
