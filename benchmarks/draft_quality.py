@@ -9,19 +9,28 @@ For every prompt (chat template applied, generation prompt added) the target gre
   speculative decoding: each round the draft greedily proposes k tokens from the committed prefix, the target
   accepts the longest prefix that matches its own greedy tokens and adds one token of its own, so a round
   commits accepted + 1 tokens (the proposal is shortened near the end so no round passes the token limit);
+* the same for duo's drafter (``TreeDrafter``, as the draft service runs it: context copying, and token trees
+  for widths above 1) at each ``--drafter-widths`` width, with the target's greedy continuation standing in
+  for the verifier: greedy verification commits the longest drafted path that matches it plus one token, so
+  this is exact. Each round drafts ahead as the service does while a verifier works (here: as far as the
+  drafter's own cap, as in a reproducible session);
 * the draft's time per decoded token as a fraction of the target's: incremental single-token decoding with
   a KV cache for both models, on ``--threads`` CPU threads.
 
-Run: ``python benchmarks/draft_quality.py [--draft DIR] [--json-out FILE]``.
+Timings are taken first, alone; the simulations then run in ``--workers`` processes. Run:
+``python benchmarks/draft_quality.py [--draft DIR] [--json-out FILE]`` (about 35 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +38,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from draft_service.tree_drafter import TreeDrafter  # noqa: E402
 from duo_common.default_models import default_draft_dir, default_target_dir  # noqa: E402
+from duo_common.params import DecodingParams  # noqa: E402
+from duo_common.tree import ROOT, TokenTree  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 
@@ -40,7 +52,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft", default=None, help="draft folder (default: duo's shipped default draft)")
     parser.add_argument("--target", default=None, help="target folder (default: duo's default target)")
     parser.add_argument("--budgets", default="2,4,6,8", help="comma-separated draft budgets k")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--drafter-widths", default="1,2",
+                        help="token-tree widths for duo's drafter (1 = chains; empty: skip)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the timing pass")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes for the simulation pass (one thread each)")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser.parse_args()
 
@@ -130,8 +146,76 @@ def simulate_speculative(draft, prompt_ids: list[int], target_tokens: list[int],
     return done, rounds
 
 
+def matched_path(tree: TokenTree, continuation: list[int]) -> int:
+    """How many tokens of ``continuation`` the tree holds along one path from its root."""
+    node, matched = ROOT, 0
+    while matched < len(continuation):
+        node = next((child for child in tree.children(node) if tree.token_ids[child] == continuation[matched]), None)
+        if node is None:
+            return matched
+        matched += 1
+    return matched
+
+
+def simulate_drafter(draft, prompt_ids: list[int], target_tokens: list[int], budget: int, width: int,
+                     vocab_size: int, eos_id: int, context_copy: bool = True) -> tuple[int, int]:
+    """(committed tokens, rounds) of duo's drafter against greedy verification reproducing ``target_tokens``."""
+    drafter = TreeDrafter(draft, DecodingParams(), vocab_size, frozenset({eos_id}),
+                          len(prompt_ids) + len(target_tokens) + budget + 1, lambda: width, tree_attention=True,
+                          context_copy=context_copy)
+    committed = list(prompt_ids)
+    drafter.prefill(committed)
+    done, rounds = 0, 0
+    while done < len(target_tokens):
+        room = min(budget, len(target_tokens) - done - 1)
+        accepted = 0
+        if room > 0:
+            drafter.commit(committed)
+            tree = drafter.propose(room)
+            while drafter.grow_ahead(len(tree) + 1 + budget):
+                pass
+            accepted = matched_path(tree, target_tokens[done:-1])
+        committed += target_tokens[done:done + accepted + 1]
+        done += accepted + 1
+        rounds += 1
+    return done, rounds
+
+
 def load_model(path: str, dtype):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the quality pass needs for one prompt (the target's continuation is computed once, up front)."""
+
+    prompt_ids: list[int]
+    target_tokens: list[int]
+    budgets: list[int]
+    widths: list[int]
+    vocab_size: int
+    eos_id: int
+
+
+_worker_draft = None
+
+
+def _load_worker_draft(draft_path: str) -> None:
+    global _worker_draft
+    torch.set_num_threads(1)
+    _worker_draft = load_model(draft_path, "auto")
+
+
+def score_prompt(work: Workload) -> dict:
+    """Agreement and every round simulation for one prompt (runs in a worker process)."""
+    draft = _worker_draft
+    matches, positions = agreement_counts(draft, work.prompt_ids, work.target_tokens)
+    chains = {k: simulate_speculative(draft, work.prompt_ids, work.target_tokens, k) for k in work.budgets}
+    drafter = {
+        (w, k): simulate_drafter(draft, work.prompt_ids, work.target_tokens, k, w, work.vocab_size, work.eos_id)
+        for w in work.widths for k in work.budgets
+    }
+    return {"matches": matches, "positions": positions, "chains": chains, "drafter": drafter}
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -142,12 +226,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     target = load_model(target_path, torch.float32)
     draft = load_model(draft_path, "auto")
     budgets = [int(b) for b in args.budgets.split(",")]
+    widths = [int(w) for w in args.drafter_widths.split(",") if w.strip()]
     eos_id = tokenizer.eos_token_id
     prompts = read_prompts(args.prompts)
 
-    matches = positions = 0
-    committed = {k: 0 for k in budgets}
-    rounds = {k: 0 for k in budgets}
+    # Pass 1, alone on the machine: the target's continuations, and both models' time per token.
+    workloads: list[Workload] = []
     target_times: list[float] = []
     draft_times: list[float] = []
     for index, prompt in enumerate(prompts):
@@ -155,14 +239,26 @@ def evaluate(args: argparse.Namespace) -> dict:
         target_tokens, step_times = greedy_decode(target, prompt_ids, args.max_new_tokens, eos_id)
         target_times += step_times
         draft_times += greedy_decode(draft, prompt_ids, args.max_new_tokens, eos_id)[1]
-        m, n = agreement_counts(draft, prompt_ids, target_tokens)
-        matches, positions = matches + m, positions + n
-        for k in budgets:
-            c, r = simulate_speculative(draft, prompt_ids, target_tokens, k)
-            committed[k] += c
-            rounds[k] += r
-        print(f"[{index + 1}/{len(prompts)}] {len(target_tokens)} tokens, agreement {m / n:.3f}: {prompt[:60]}",
-              file=sys.stderr, flush=True)
+        workloads.append(Workload(prompt_ids, target_tokens, budgets, widths, target.config.vocab_size, eos_id))
+        print(f"[{index + 1}/{len(prompts)}] {len(target_tokens)} target tokens: {prompt[:60]}", file=sys.stderr,
+              flush=True)
+
+    # Pass 2, no timing: agreement and round simulations, one process per core.
+    matches = positions = 0
+    committed = {k: 0 for k in budgets}
+    rounds = {k: 0 for k in budgets}
+    drafter_committed = {(w, k): 0 for w in widths for k in budgets}
+    drafter_rounds = {(w, k): 0 for w in widths for k in budgets}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.workers, initializer=_load_worker_draft, initargs=(draft_path,)) as pool:
+        for index, scores in enumerate(pool.imap(score_prompt, workloads)):
+            matches, positions = matches + scores["matches"], positions + scores["positions"]
+            for k, (c, r) in scores["chains"].items():
+                committed[k], rounds[k] = committed[k] + c, rounds[k] + r
+            for key, (c, r) in scores["drafter"].items():
+                drafter_committed[key], drafter_rounds[key] = drafter_committed[key] + c, drafter_rounds[key] + r
+            print(f"[{index + 1}/{len(prompts)}] agreement {scores['matches'] / scores['positions']:.3f}: "
+                  f"{prompts[index][:60]}", file=sys.stderr, flush=True)
 
     target_ms = 1000 * statistics.median(target_times)
     draft_ms = 1000 * statistics.median(draft_times)
@@ -176,6 +272,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         "target_tokens": positions,
         "agreement": matches / positions,
         "mean_committed_per_round": {str(k): committed[k] / rounds[k] for k in budgets},
+        "drafter_mean_committed_per_round": {
+            f"width={w}": {str(k): drafter_committed[w, k] / drafter_rounds[w, k] for k in budgets} for w in widths
+        },
         "target_ms_per_token": target_ms,
         "draft_ms_per_token": draft_ms,
         "draft_over_target_time": draft_ms / target_ms,
@@ -193,6 +292,10 @@ def print_table(result: dict) -> None:
     print(f"{'per-token agreement (draft argmax = target)':<44}{result['agreement']:>10.3f}")
     for k, value in result["mean_committed_per_round"].items():
         print(f"{'mean tokens committed per round, k=' + k:<44}{value:>10.2f}")
+    for width, per_budget in result["drafter_mean_committed_per_round"].items():
+        kind = "chains" if width == "width=1" else f"trees {width}"
+        for k, value in per_budget.items():
+            print(f"{'duo drafter, ' + kind + ', k=' + k:<44}{value:>10.2f}")
     print(f"{'target ms per token (median)':<44}{result['target_ms_per_token']:>10.2f}")
     print(f"{'draft ms per token (median)':<44}{result['draft_ms_per_token']:>10.2f}")
     print(f"{'draft / target time per token':<44}{result['draft_over_target_time']:>10.3f}")
