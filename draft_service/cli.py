@@ -28,7 +28,8 @@ def main() -> None:
 
 
 def _option(name: str, **kwargs):
-    envvar = "DUO_DRAFT_" + name.lstrip("-").replace("-", "_").upper()
+    flag = name.split("/")[0]  # "--x/--no-x": the variable is named after the positive flag
+    envvar = "DUO_DRAFT_" + flag.lstrip("-").replace("-", "_").upper()
     return click.option(name, envvar=envvar, show_envvar=True, show_default=True, **kwargs)
 
 
@@ -44,6 +45,9 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
          help="Draft tokens per round when a request sets none.")
 @_option("--default-max-branches", type=click.IntRange(1, 8), default=2,
          help="Token-tree width when a request sets no budget (1: chains).")
+@_option("--context-copy/--no-context-copy", default=True,
+         help="Mix copies from the context (the token after the last earlier occurrence of the current suffix) "
+              "into the draft's distributions.")
 @_option("--verify-timeout-s", type=click.FloatRange(0.1), default=120.0, help="Longest wait for one verifier answer.")
 @_option("--verify-wait-s", type=click.FloatRange(0), default=600.0, help="How long start-up waits for the verifier.")
 @_option("--max-new-tokens-limit", type=click.IntRange(1), default=4096,
@@ -56,7 +60,8 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
-def serve(model, verify_addr, dtype, default_budget, default_max_branches, verify_timeout_s, verify_wait_s, max_new_tokens_limit,
+def serve(model, verify_addr, dtype, default_budget, default_max_branches, context_copy, verify_timeout_s, verify_wait_s,
+          max_new_tokens_limit,
           max_prompt_tokens,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
@@ -74,7 +79,7 @@ def serve(model, verify_addr, dtype, default_budget, default_max_branches, verif
         ("grpc.lb_policy_name", "round_robin"),
     ])
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
-                           verify_timeout_s=verify_timeout_s,
+                           context_copy=context_copy, verify_timeout_s=verify_timeout_s,
                            max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens)
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,

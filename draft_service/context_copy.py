@@ -67,7 +67,7 @@ class ContextCopy:
         current = float(probs[copy.token])
         if current >= copy.rate:
             return probs
-        mixed = probs * ((1.0 - copy.rate) / (1.0 - current)) if current < 1.0 else torch.zeros_like(probs)
+        mixed = probs * ((1.0 - copy.rate) / (1.0 - current))  # current < rate <= 1
         mixed[copy.token] = copy.rate
         return mixed
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 class DrafterConfig:
     default_budget: int = 4
     default_max_branches: int = 2  # tree width when a request sets no budget (1: chains)
+    context_copy: bool = True  # mix copies from the context into the draft's distributions (context_copy.py)
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
     max_prompt_tokens: int | None = None  # None: whatever the target's context holds
@@ -146,7 +147,8 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         trees = self._tree_attention and target.tree_attention  # else chains: one side takes no tree mask
 
         def make_drafter() -> TreeDrafter:
-            return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees)
+            return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees,
+                               self._config.context_copy)
 
         link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata)
         session = SpeculativeSession(plan, link, make_drafter, stop, budget)
