@@ -259,6 +259,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                 drafter_committed[key], drafter_rounds[key] = drafter_committed[key] + c, drafter_rounds[key] + r
             print(f"[{index + 1}/{len(prompts)}] agreement {scores['matches'] / scores['positions']:.3f}: "
                   f"{prompts[index][:60]}", file=sys.stderr, flush=True)
+        pool.close()  # let the workers exit on their own (terminating them leaks their semaphores)
+        pool.join()
 
     target_ms = 1000 * statistics.median(target_times)
     draft_ms = 1000 * statistics.median(draft_times)

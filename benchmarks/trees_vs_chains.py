@@ -3,8 +3,9 @@
 Both services run in this process on loopback gRPC (the real servicers and round loop; torch uses one
 thread, so drafting and verification each get about one core of a two-core machine). For each width
 (max_branches; 1 = chains) and decoding mode, every prompt is generated with the same node budget, and
-the table reports mean tokens committed per verification round (the target's forward passes saved) and
-tokens/s (client wall time, prefill included).
+the table reports tokens committed per verification round (the target's forward passes saved; the mean of
+each prompt's figure, and pooled over all prompts as benchmarks/draft_quality.py reports it) and tokens/s
+(client wall time, prefill included).
 
 Run: ``python benchmarks/trees_vs_chains.py [--prompts N] [--max-new-tokens 64] [--budget 6] [--widths 1,2,3]``.
 """
@@ -106,6 +107,7 @@ def main() -> None:
         for temperature in temperatures:
             for width in widths:
                 per_round, speeds, acceptance = [], [], []
+                committed = rounds = 0
                 for index, prompt in enumerate(prompts):
                     request = GenerationRequest(
                         prompt_text=prompt,
@@ -115,16 +117,21 @@ def main() -> None:
                     result = orchestrator.generate(request, FixedBudget(args.budget, width))
                     summary = result.summary()
                     per_round.append(summary["mean_accepted_tokens"])
+                    committed += len(result.token_ids) - 1  # the first token comes from the prefill, not a round
+                    rounds += summary["rounds"]
                     speeds.append(summary["tokens_per_s"])
                     acceptance.append(summary["acceptance_rate"])
-                rows.append((temperature, width, statistics.mean(per_round), statistics.mean(speeds),
-                             statistics.mean(acceptance)))
+                rows.append((temperature, width, statistics.mean(per_round), committed / rounds,
+                             statistics.mean(speeds), statistics.mean(acceptance)))
                 print(f"  done: temperature {temperature}, max_branches {width}", file=sys.stderr, flush=True)
     print(f"\ntarget {DEFAULT_TARGET} (float32), draft {DEFAULT_DRAFT} ({draft_dtype}); {len(prompts)} prompts, "
           f"{args.max_new_tokens} new tokens, {args.budget} nodes per round, torch threads 1")
-    print(f"{'temperature':>11} {'max_branches':>12} {'tokens/round':>12} {'tokens/s':>9} {'accepted/drafted':>16}")
-    for temperature, width, tokens_per_round, tokens_per_s, accepted in rows:
-        print(f"{temperature:>11.1f} {width:>12d} {tokens_per_round:>12.2f} {tokens_per_s:>9.2f} {accepted:>16.2f}")
+    print("tokens/round: the mean over prompts of each prompt's tokens per round; pooled: all tokens over all rounds")
+    print(f"{'temperature':>11} {'max_branches':>12} {'tokens/round':>12} {'pooled':>7} {'tokens/s':>9} "
+          f"{'accepted/drafted':>16}")
+    for temperature, width, tokens_per_round, pooled, tokens_per_s, accepted in rows:
+        print(f"{temperature:>11.1f} {width:>12d} {tokens_per_round:>12.2f} {pooled:>7.2f} {tokens_per_s:>9.2f} "
+              f"{accepted:>16.2f}")
 
 
 if __name__ == "__main__":
