@@ -18,7 +18,7 @@ For every prompt (chat template applied, generation prompt added) the target gre
   a KV cache for both models, on ``--threads`` CPU threads.
 
 Timings are taken first, alone; the simulations then run in ``--workers`` processes. Run:
-``python benchmarks/draft_quality.py [--draft DIR] [--json-out FILE]`` (about 35 minutes on 2 cores).
+``python benchmarks/draft_quality.py [--draft DIR] [--json-out FILE]`` (about 25 minutes on 2 cores).
 """
 
 from __future__ import annotations

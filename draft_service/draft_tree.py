@@ -60,6 +60,11 @@ class Candidate:
     factor: float  # prior / path_prob(parent): the per-step chance of continuing through this child
 
 
+def _bucket(upper_edges: tuple[float, ...], value: float) -> int:
+    """Index of the first bucket whose upper edge exceeds ``value`` (the last bucket has none)."""
+    return next((index for index, edge in enumerate(upper_edges) if value < edge), len(upper_edges))
+
+
 class RankAcceptance:
     """P(the verifier accepts the rank-r child | ranks < r were rejected), per sibling rank r and per bucket
     of the draft's top probability at the parent; learned from the session's verdicts, starting from a
@@ -73,18 +78,17 @@ class RankAcceptance:
         self._accepted = [[weight * middle * 0.5 ** min(rank, 1) for rank in range(MAX_WIDTH)] for middle in middles]
         self._tried = [[weight] * MAX_WIDTH for _ in middles]
 
-    def bucket(self, top_prob: float) -> int:
-        return next((index for index, edge in enumerate(self.BUCKETS) if top_prob < edge), len(self.BUCKETS))
 
     def record(self, top: list[float], rank: int, accepted: bool) -> None:
-        bucket = self.bucket(top[0])
+        bucket = _bucket(self.BUCKETS, top[0])
         self._tried[bucket][rank] += 1.0
         self._accepted[bucket][rank] += float(accepted)
 
     def through(self, top: list[float], rank: int) -> float:
         """P(the committed sequence continues through the rank-``rank`` child, given its parent);
         ``top``: the parent's largest draft probabilities."""
-        accepted, tried = self._accepted[self.bucket(top[0])], self._tried[self.bucket(top[0])]
+        bucket = _bucket(self.BUCKETS, top[0])
+        accepted, tried = self._accepted[bucket], self._tried[bucket]
         chance = 1.0
         for earlier in range(rank):
             chance *= 1.0 - accepted[earlier] / tried[earlier]
@@ -103,16 +107,14 @@ class CalibratedProbability:
         self._hits = [weight] * (len(self.BUCKETS) + 1)
         self._predicted = [weight] * (len(self.BUCKETS) + 1)
 
-    def bucket(self, probability: float) -> int:
-        return next((index for index, edge in enumerate(self.BUCKETS) if probability < edge), len(self.BUCKETS))
 
     def record(self, top: list[float], rank: int, accepted: bool) -> None:
-        bucket = self.bucket(top[rank])
+        bucket = _bucket(self.BUCKETS, top[rank])
         self._hits[bucket] += float(accepted)
         self._predicted[bucket] += top[rank]
 
     def through(self, top: list[float], rank: int) -> float:
-        bucket = self.bucket(top[rank])
+        bucket = _bucket(self.BUCKETS, top[rank])
         return min(1.0, top[rank] * self._hits[bucket] / self._predicted[bucket])
 
 
