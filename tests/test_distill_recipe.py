@@ -128,6 +128,12 @@ def test_self_prompt_filter_keeps_new_prompts_of_sensible_length_and_nothing_fro
     assert keep.accept("Give a short guide to fixing a bike chain.")
 
 
+def test_self_prompt_filter_rejects_an_earlier_rounds_prompts():
+    keep = self_prompts.PromptFilter([], known_prompts=["How do I keep basil alive on a windowsill?"])
+    assert not keep.accept("How do I keep basil alive on a windowsill"), "written in an earlier round"
+    assert keep.accept("How do I keep mint alive on a windowsill?")
+
+
 def test_top_p_sampling_draws_only_from_the_nucleus_in_proportion():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
     generator = torch.Generator().manual_seed(0)

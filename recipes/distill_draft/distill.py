@@ -261,8 +261,10 @@ def cached_self_written_prompts(cfg: dict, count: int, heldout: list[str], targe
         prompts = json.loads(path.read_text())
         if len(prompts) >= count:
             return prompts[:count]
+    settings = cfg["data"]["self_prompts"]
+    known = [p for name in settings.get("exclude_prompt_files", []) for p in json.loads(repo_path(name).read_text())]
     started = time.time()
-    prompts = write_prompts(target, tokenizer, count, heldout, cfg["data"]["self_prompts"], cfg["seed"], log)
+    prompts = write_prompts(target, tokenizer, count, heldout, settings, cfg["seed"], log, known_prompts=known)
     log.info("the target wrote %d prompts in %.0f s", len(prompts), time.time() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prompts, indent=0))
@@ -590,7 +592,8 @@ def stage_train(cfg: dict) -> None:
             raise SystemExit(f"train.extra_shard_dirs: no shards in {extra_dir}; run that config's generate stage")
         records += extra
     log.info("%d sequences, %d answer tokens", len(records), sum(len(r["topk_idx"]) for r in records))
-    validation_records = load_shards(cache_dir / "validation")
+    validation_dir = train_cfg.get("validation_shard_dir") or cache_dir / "validation"
+    validation_records = load_shards(repo_path(validation_dir))
     budgets = train_cfg.get("score_budgets", [2, 4, 6, 8])
     draft = initial_draft(cfg, default_target_dir()).to(device)
     before = None

@@ -64,11 +64,11 @@ def sample_user_turns(target, prefix_ids: list[int], rows: int, max_tokens: int,
 class PromptFilter:
     """Keeps a prompt if it is complete, of a sensible length, new, and shares nothing with the held-out set."""
 
-    def __init__(self, heldout_prompts: list[str], shingle_size: int = 6):
+    def __init__(self, heldout_prompts: list[str], shingle_size: int = 6, known_prompts: list[str] = ()):
         self.shingle_size = shingle_size
         self.heldout_norm = {normalize(p) for p in heldout_prompts}
         self.heldout_shingles = set().union(*(shingles(p, shingle_size) for p in heldout_prompts))
-        self.seen: set[str] = set()
+        self.seen: set[str] = {normalize(p) for p in known_prompts}  # e.g. an earlier round's, to stay new
 
     def accept(self, prompt: str) -> bool:
         norm = normalize(prompt)
@@ -82,14 +82,15 @@ class PromptFilter:
 
 
 def write_prompts(target, tokenizer, count: int, heldout_prompts: list[str], settings: dict, seed: int,
-                  log=None) -> list[str]:
-    """``count`` distinct prompts written by the target (the same for the same seed, model and device).
+                  log=None, known_prompts: list[str] = ()) -> list[str]:
+    """``count`` distinct prompts written by the target (the same for the same seed, model and device), none
+    equal to one of ``known_prompts``.
 
     ``settings``: ``batch_size``, ``max_tokens``, ``temperature`` and ``top_p`` of the sampling.
     """
     prefix_ids = user_turn_prefix(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    keep = PromptFilter(heldout_prompts)
+    keep = PromptFilter(heldout_prompts, known_prompts=known_prompts)
     prompts: list[str] = []
     batch_index = 0
     while len(prompts) < count:
