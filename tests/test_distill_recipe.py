@@ -62,6 +62,7 @@ def test_length_sorted_batches_sort_inside_windows_only():
     assert [[len(p) for p in b] for b in batches] == [[1, 2], [4, 5], [6, 7], [8, 9]]
     whole = distill.length_sorted_batches(prompts, batch_size=3, sort_window=0)
     assert [[len(p) for p in b] for b in whole] == [[1, 2, 4], [5, 6, 7], [8, 9]]
+    assert distill.length_sorted_batches([], batch_size=3, sort_window=0) == []  # no validation prompts
 
 
 def test_planned_steps_respects_epochs_max_steps_and_the_time_budget():

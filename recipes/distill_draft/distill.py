@@ -226,7 +226,7 @@ def length_sorted_batches(prompt_ids: list[list[int]], batch_size: int, sort_win
     A window of 0 sorts the whole list. Keeping the prompts' (shuffled) order across windows means a stage
     stopped by its time budget still covers every kind of prompt.
     """
-    window = len(prompt_ids) if sort_window <= 0 else sort_window * batch_size
+    window = max(1, len(prompt_ids)) if sort_window <= 0 else sort_window * batch_size
     batches: list[list[list[int]]] = []
     for start in range(0, len(prompt_ids), window):
         block = sorted(prompt_ids[start:start + window], key=len)
