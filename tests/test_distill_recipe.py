@@ -44,16 +44,23 @@ def test_set_rejects_malformed_overrides(item):
 
 
 def test_shipped_configs_parse_and_agree_on_the_draft_vocabulary_setup():
-    for name in ("config.json", "config_gpu.json", "config_self_cpu.json"):
+    for name in ("config.json", "config_gpu.json", "config_self_cpu.json", "config_gpu_self.json"):
         cfg = distill.load_config(REPO_ROOT / "recipes/distill_draft" / name)
         assert cfg["data"]["num_validation_prompts"] > 0
         assert cfg["draft"]["tie_word_embeddings"] is False
     gpu = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_gpu.json")
     fine_tune = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_self_cpu.json")
-    assert fine_tune["train"]["init_from"] == gpu["output_dir"]  # fine-tunes what the GPU config exports
+    second_round = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_self2_cpu.json")
+    # the shipped draft's chain: GPU export -> step 2's export -> step 3 writes the shipped folder
+    assert fine_tune["train"]["init_from"] == gpu["output_dir"]
+    assert second_round["train"]["init_from"] == fine_tune["output_dir"]
+    assert second_round["output_dir"] == "draft_service/default_model"
+    assert second_round["train"]["validation_shard_dir"] == fine_tune["cache_dir"] + "/validation"
+    assert second_round["data"]["self_prompts"]["exclude_prompt_files"] == [
+        fine_tune["cache_dir"] + "/self_written_prompts.json"]
     shipped = json.loads((REPO_ROOT / "draft_service/default_model/config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
-        assert gpu["draft"][key] == shipped[key] == fine_tune["draft"][key], key
+        assert gpu["draft"][key] == shipped[key] == fine_tune["draft"][key] == second_round["draft"][key], key
 
 
 def test_length_sorted_batches_sort_inside_windows_only():
