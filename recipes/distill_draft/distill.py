@@ -22,7 +22,8 @@ Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``
 All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
 ``config_gpu.json``: the same recipe scaled up for one GPU; ``config_self_cpu.json``: a CPU fine-tune of the
 GPU-built draft on answers to prompts the target wrote; ``config_self2_cpu.json``: a second such fine-tune on
-3,000 more; ``config_gpu_self.json``: both prompt sources on one GPU, prepared for the next GPU session). Paths in it are relative to the repository root.
+3,000 more; ``config_gpu_self.json``: both prompt sources on one GPU, prepared for the next GPU session).
+Paths in it are relative to the repository root.
 ``--set key.sub=value`` overrides one entry (the value is parsed as JSON when it can be). The target folder
 comes from ``duo_common.default_models.default_target_dir()``.
 """
