@@ -78,7 +78,6 @@ class RankAcceptance:
         self._accepted = [[weight * middle * 0.5 ** min(rank, 1) for rank in range(MAX_WIDTH)] for middle in middles]
         self._tried = [[weight] * MAX_WIDTH for _ in middles]
 
-
     def record(self, top: list[float], rank: int, accepted: bool) -> None:
         bucket = _bucket(self.BUCKETS, top[0])
         self._tried[bucket][rank] += 1.0
@@ -106,7 +105,6 @@ class CalibratedProbability:
     def __init__(self, weight: float = 4.0):
         self._hits = [weight] * (len(self.BUCKETS) + 1)
         self._predicted = [weight] * (len(self.BUCKETS) + 1)
-
 
     def record(self, top: list[float], rank: int, accepted: bool) -> None:
         bucket = _bucket(self.BUCKETS, top[rank])
