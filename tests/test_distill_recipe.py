@@ -44,23 +44,38 @@ def test_set_rejects_malformed_overrides(item):
 
 
 def test_shipped_configs_parse_and_agree_on_the_draft_vocabulary_setup():
-    for name in ("config.json", "config_gpu.json", "config_self_cpu.json", "config_gpu_self.json"):
-        cfg = distill.load_config(REPO_ROOT / "recipes/distill_draft" / name)
+    recipe = REPO_ROOT / "recipes/distill_draft"
+    for name in ("config.json", "config_gpu.json", "config_self_cpu.json", "config_gpu_self.json",
+                 "config_gpu_finetune.json"):
+        cfg = distill.load_config(recipe / name)
         assert cfg["data"]["num_validation_prompts"] > 0
         assert cfg["draft"]["tie_word_embeddings"] is False
-    gpu = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_gpu.json")
-    fine_tune = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_self_cpu.json")
-    second_round = distill.load_config(REPO_ROOT / "recipes/distill_draft/config_self2_cpu.json")
-    # the shipped draft's chain: GPU export -> step 2's export -> step 3 writes the shipped folder
+    gpu = distill.load_config(recipe / "config_gpu.json")
+    fine_tune = distill.load_config(recipe / "config_self_cpu.json")
+    second_round = distill.load_config(recipe / "config_self2_cpu.json")
+    template = distill.load_config(recipe / "config_gpu_template.json")
+    scratch = distill.load_config(recipe / "config_gpu_self.json")
+    step4 = distill.load_config(recipe / "config_gpu_finetune.json")
+    # the shipped draft's chain: GPU export -> step 2's export -> step 3's export -> step 4, whose export comes
+    # back from the GPU into the shipped folder
     assert fine_tune["train"]["init_from"] == gpu["output_dir"]
     assert second_round["train"]["init_from"] == fine_tune["output_dir"]
-    assert second_round["output_dir"] == "draft_service/default_model"
+    assert step4["train"]["init_from"] == second_round["output_dir"]
     assert second_round["train"]["validation_shard_dir"] == fine_tune["cache_dir"] + "/validation"
     assert second_round["data"]["self_prompts"]["exclude_prompt_files"] == [
         fine_tune["cache_dir"] + "/self_written_prompts.json"]
+    # step 4: the new draft beside it ("scratch") trains on the same answers and validates on the same ones,
+    # and the prompts the target writes there are new to both CPU rounds
+    assert step4["data"] == scratch["data"] and step4["cache_dir"] == scratch["cache_dir"]
+    assert step4["train"]["extra_shard_dirs"] == scratch["train"]["extra_shard_dirs"] == [
+        template["cache_dir"] + "/shards"]
+    assert step4["data"]["self_prompts"]["exclude_prompt_files"] == [
+        fine_tune["cache_dir"] + "/self_written_prompts.json", second_round["cache_dir"] + "/self_written_prompts.json"]
+    assert step4["run_name"] != scratch["run_name"] and step4["output_dir"] != scratch["output_dir"]
     shipped = json.loads((REPO_ROOT / "draft_service/default_model/config.json").read_text())
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
         assert gpu["draft"][key] == shipped[key] == fine_tune["draft"][key] == second_round["draft"][key], key
+        assert step4["draft"][key] == shipped[key], key
 
 
 def test_length_sorted_batches_sort_inside_windows_only():
@@ -78,6 +93,9 @@ def test_planned_steps_respects_epochs_max_steps_and_the_time_budget():
     assert distill.planned_steps({"warmup_steps": 10, "max_steps": 200}, 500, 0.1, unlimited) == 200
     budget = distill.Deadline(100.0)
     assert 900 < distill.planned_steps({"warmup_steps": 10}, 5000, 0.1, budget) <= 1000
+    # planned again later: the steps done plus what the rest of the budget fits, never fewer than done
+    assert 1100 < distill.planned_steps({"warmup_steps": 10}, 5000, 0.1, budget, steps_done=200) <= 1200
+    assert distill.planned_steps({"warmup_steps": 10}, 5000, 1e6, budget, steps_done=200) == 200
 
 
 @pytest.mark.parametrize("matches, budget, expected", [

@@ -568,16 +568,25 @@ def make_optimizer(draft: LlamaForCausalLM, train_cfg: dict) -> torch.optim.Opti
     return torch.optim.AdamW(groups, weight_decay=train_cfg["weight_decay"], betas=(0.9, 0.98))
 
 
-def planned_steps(train_cfg: dict, steps_available: int, seconds_per_step: float, deadline: Deadline) -> int:
+def planned_steps(train_cfg: dict, steps_available: int, seconds_per_step: float, deadline: Deadline,
+                  steps_done: int = 0) -> int:
     """Steps for the whole run: the configured epochs, fewer if the time budget cannot fit them.
 
-    Called once, at the end of warm-up, with the measured time per step; the cosine schedule then decays over
-    exactly this many steps. The log records the number, so a rerun can pin it with ``train.max_steps``.
+    Called with the measured time per step after ``steps_done`` steps: at the end of warm-up, and again at
+    ``REPLAN_AFTER_WARMUPS`` multiples of it; the cosine schedule decays over the last plan. The log records
+    the number, so a rerun can pin it with ``train.max_steps``.
     """
     steps = min(steps_available, train_cfg.get("max_steps") or steps_available)
     if deadline.seconds is not None:
-        steps = min(steps, int(deadline.remaining() / seconds_per_step))
-    return max(steps, train_cfg["warmup_steps"])
+        steps = min(steps, steps_done + int(deadline.remaining() / seconds_per_step))
+    return max(steps, train_cfg["warmup_steps"], steps_done)
+
+
+# A time-budgeted run plans its length again after these many warm-ups, from the time per step since the last
+# plan: on a GPU a step is slow until the allocator has grown and kernels are chosen for most padded lengths
+# (an H100 ran 0.10 s per step at the end of warm-up, 0.05 s by step 500 and 0.034 s after step 1,000, so one
+# plan at warm-up used half the budget).
+REPLAN_AFTER_WARMUPS = (4, 16)
 
 
 def stage_train(cfg: dict) -> None:
@@ -614,15 +623,17 @@ def stage_train(cfg: dict) -> None:
     warmup = train_cfg["warmup_steps"]
     pad_id = draft.config.pad_token_id
     running_loss, running_agreement = 0.0, 0.0
-    step, timing_from = 0, time.time()
+    step, timing_from, timing_step = 0, time.time(), 0
+    plan_at = {warmup, *(n * warmup for n in REPLAN_AFTER_WARMUPS if deadline.seconds is not None)}
     while step < total_steps:
         if step == warmup // 2:
-            timing_from = time.time()  # the first steps also pay for start-up (CUDA context, allocator)
-        if step == warmup:
-            seconds_per_step = (time.time() - timing_from) / max(1, warmup - warmup // 2)
-            total_steps = planned_steps(train_cfg, len(schedule), seconds_per_step, deadline)
+            timing_from, timing_step = time.time(), step  # the first steps also pay for start-up (CUDA context)
+        if step in plan_at:
+            seconds_per_step = (time.time() - timing_from) / max(1, step - timing_step)
+            total_steps = planned_steps(train_cfg, len(schedule), seconds_per_step, deadline, steps_done=step)
             log.info("%.3f s per step: %d steps planned (%.2f epochs)", seconds_per_step, total_steps,
                      total_steps / len(epochs[0]))
+            timing_from, timing_step = time.time(), step
         batch = collate(schedule[step], pad_id, device)
         scale = learning_rate_scale(step, total_steps, warmup)
         for group, base_lr in zip(optimizer.param_groups, base_lrs):

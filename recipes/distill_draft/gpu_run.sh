@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# Build duo's default draft on one GPU with config_gpu.json: the teacher data once, then one draft per depth
+# Step 1 of duo's default draft, on one GPU with config_gpu.json: the teacher data once, then one draft per depth
 # given (default: 4 layers, the shipped depth) trained side by side on the same GPU, then the run that commits the most
 # tokens per round on the validation answers exported into the config's output_dir (/tmp/duo_distill_gpu/export),
-# which step 2 (config_self_cpu.json, see README.md) fine-tunes into draft_service/default_model. A depth with
+# which step 2 (config_self_cpu.json, see README.md) fine-tunes. A depth with
 # a letter after it ("4b") trains that depth again under another name: a check that a retrain reproduces.
 #
 #   bash recipes/distill_draft/gpu_run.sh [LAYERS ...]      # logs go to $LOG_DIR (default <cache_dir>/logs)
 #
-# The one-session GPU build of a draft trained on both prompt sources at once (config_gpu_self.json: prompts the
-# target writes, plus config_gpu.json's template answers as extra shards, made first by PRE_GENERATE):
-#
-#   PRE_GENERATE="recipes/distill_draft/config_gpu.json --set data.max_batches=8" \
-#     CONFIG=recipes/distill_draft/config_gpu_self.json bash recipes/distill_draft/gpu_run.sh 4 6
+# Step 4 (both prompt sources, two drafts side by side) has its own script: gpu_both_sources.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python=${PYTHON:-python3}
@@ -23,10 +19,6 @@ mkdir -p "$log_dir"
 
 distill() { "$python" recipes/distill_draft/distill.py --config "$config" "$@"; }
 
-if [ -n "${PRE_GENERATE:-}" ]; then
-  # shellcheck disable=SC2086  # a config file and its --set overrides, split on spaces
-  "$python" recipes/distill_draft/distill.py --stage generate --config $PRE_GENERATE 2>&1 | tee "$log_dir/pre_generate.log"
-fi
 distill --stage generate 2>&1 | tee "$log_dir/generate.log"
 for run in "${layers[@]}"; do
   distill --stage train --set run_name="layers$run" --set draft.num_hidden_layers="${run%%[a-z]*}" \
