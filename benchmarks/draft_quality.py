@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from draft_service.tree_drafter import TreeDrafter  # noqa: E402
 from duo_common.default_models import default_draft_dir, default_target_dir  # noqa: E402
 from duo_common.params import DecodingParams  # noqa: E402
-from duo_common.tree import ROOT, TokenTree  # noqa: E402
+from duo_common.tree import DEFAULT_MAX_BRANCHES, ROOT, TokenTree  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 
@@ -52,8 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft", default=None, help="draft folder (default: duo's shipped default draft)")
     parser.add_argument("--target", default=None, help="target folder (default: duo's default target)")
     parser.add_argument("--budgets", default="2,4,6,8", help="comma-separated draft budgets k")
-    parser.add_argument("--drafter-widths", default="1,2",
-                        help="token-tree widths for duo's drafter (1 = chains; empty: skip)")
+    parser.add_argument("--drafter-widths", default=f"1,{DEFAULT_MAX_BRANCHES}",
+                        help="token-tree widths for duo's drafter (1 = chains; default: chains and duo's default "
+                             "width; empty: skip)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the timing pass")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes for the simulation pass (one thread each)")

@@ -17,6 +17,7 @@ from duo_common.models import load_causal_lm
 from duo_common.security import ChannelSecurity, read_token
 from duo_common.serve_cli import ServeSettings, common_serve_options, setup_process, start_server
 from duo_common.sessions import SessionRegistry
+from duo_common.tree import DEFAULT_MAX_BRANCHES
 from protos import duo_pb2_grpc
 
 log = logging.getLogger("duo.draft")
@@ -43,7 +44,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
 @_option("--default-budget", type=click.IntRange(0, 1024), default=4,
          help="Draft tokens per round when a request sets none.")
-@_option("--default-max-branches", type=click.IntRange(1, 8), default=2,
+@_option("--default-max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES,
          help="Token-tree width when a request sets no budget (1: chains).")
 @_option("--context-copy/--no-context-copy", default=True,
          help="Mix copies from the context (the token after the last earlier occurrence of the current suffix) "

@@ -28,6 +28,7 @@ from duo_common.models import LoadedModel, ModelInfo
 from duo_common.rpc import translate_errors
 from duo_common.sessions import SessionRegistry
 from duo_common.stopping import StopChecker
+from duo_common.tree import DEFAULT_MAX_BRANCHES
 from duo_common.tree_attention import supports_tree_attention
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DrafterConfig:
     default_budget: int = 4
-    default_max_branches: int = 2  # tree width when a request sets no budget (1: chains)
+    default_max_branches: int = DEFAULT_MAX_BRANCHES  # tree width when a request sets no budget (1: chains)
     context_copy: bool = True  # mix copies from the context into the draft's distributions (context_copy.py)
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096

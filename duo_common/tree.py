@@ -15,6 +15,11 @@ from duo_common.errors import InvalidArgument
 
 ROOT = -1
 
+# Token-tree width (children per node; 1: chains) where neither the client nor the request says. With duo's
+# default draft on 128 validation answers to prompts the target wrote (drafter simulation, greedy), width 3
+# committed 3.39 tokens per round at 8 nodes against 3.32 for width 2, and 2.73 against 2.73 at 4 nodes.
+DEFAULT_MAX_BRANCHES = 3
+
 
 @dataclass(frozen=True)
 class TokenTree:
