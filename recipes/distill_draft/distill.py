@@ -15,14 +15,17 @@ Stages (run all with ``python recipes/distill_draft/distill.py``, or one with ``
    on the validation answers: per-token agreement and the tokens a greedy speculative round would commit at
    several draft budgets.
 3. ``export``: write the draft in the shipped dtype with the target's tokenizer files and a generation config
-   into ``output_dir`` (``config_self2_cpu.json``: ``draft_service/default_model``, the shipped draft;
-   ``config_gpu.json`` and ``config_self_cpu.json``: the folders the next step fine-tunes from;
-   ``config.json``: a folder in its cache, so a CPU rebuild leaves the shipped draft alone).
+   into ``output_dir`` (``config_gpu.json``, ``config_self_cpu.json`` and ``config_self2_cpu.json``: the
+   folders the next step fine-tunes from; ``config_gpu_finetune.json``: a folder on the GPU machine, copied into
+   ``draft_service/default_model``, the shipped draft; ``config.json``: a folder in its cache, so a CPU rebuild
+   leaves the shipped draft alone).
 
 All hyper-parameters and seeds live in a config file (``config.json``: the one-hour CPU recipe;
 ``config_gpu.json``: the same recipe scaled up for one GPU; ``config_self_cpu.json``: a CPU fine-tune of the
 GPU-built draft on answers to prompts the target wrote; ``config_self2_cpu.json``: a second such fine-tune on
-3,000 more; ``config_gpu_self.json``: both prompt sources on one GPU, prepared for the next GPU session).
+3,000 more; ``config_gpu_template.json`` and ``config_gpu_self.json``: step 4's answers to template and
+self-written prompts on one GPU, and a new draft trained on both; ``config_gpu_finetune.json``: step 3's draft
+fine-tuned on them, the shipped draft; ``gpu_both_sources.sh`` runs step 4).
 Paths in it are relative to the repository root.
 ``--set key.sub=value`` overrides one entry (the value is parsed as JSON when it can be). The target folder
 comes from ``duo_common.default_models.default_target_dir()``.
