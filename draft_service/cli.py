@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from draft_service.servicer import DrafterConfig, DrafterServicer
+from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
 from duo_common.default_models import DEFAULT_DRAFT
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
@@ -42,6 +43,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-addr", required=True,
          help="The verify service: HOST:PORT, or dns:///NAME:PORT to balance over every address NAME resolves to.")
 @_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
+@_option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", help=KERNELS_HELP)
 @_option("--default-budget", type=click.IntRange(0, 1024), default=4,
          help="Draft tokens per round when a request sets none.")
 @_option("--default-max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES,
@@ -61,7 +63,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
-def serve(model, verify_addr, dtype, default_budget, default_max_branches, context_copy, verify_timeout_s, verify_wait_s,
+def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s, verify_wait_s,
           max_new_tokens_limit, max_prompt_tokens,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
@@ -86,7 +88,7 @@ def serve(model, verify_addr, dtype, default_budget, default_max_branches, conte
                                verify_security.metadata)
     server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
                           model)
-    servicer.attach(load_causal_lm(model, "cpu", dtype))
+    servicer.attach(load_causal_lm(model, "cpu", dtype, cpu_kernels))
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()
     log.info("serving; verifier at %s", verify_addr)

@@ -19,10 +19,10 @@ import time
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from draft_service.context_copy import ContextCopy
 from draft_service.draft_tree import MAX_WIDTH, CalibratedProbability, DraftTree, RankAcceptance
+from duo_common.kv_cache import new_cache
 from duo_common.models import select_cache_positions, truncate_cache
 from duo_common.params import DecodingParams
 from duo_common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
@@ -51,7 +51,7 @@ class TreeDrafter:
         self._max_tokens = max_tokens  # longest sequence the drafter may build (context limit)
         self._max_branches = max_branches
         self._tree_attention = tree_attention  # False: the draft model takes no custom mask, chains only
-        self._cache = DynamicCache(config=model.config)
+        self._cache = new_cache(model.config)
         self._committed: list[int] = []
         self._fed = 0  # committed tokens in the cache; the tree's nodes follow them
         self._tree = DraftTree()

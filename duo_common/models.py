@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from duo_common.cpu_runtime import CpuRuntime, apply_cpu_runtime
 from duo_common.default_models import ModelNotAvailableError, resolve_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
+    runtime: CpuRuntime = CpuRuntime("torch")
 
 
 def pick_device(device: str) -> torch.device:
@@ -55,8 +57,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load model and tokenizer from a hub id, a local folder or a ``builtin:`` name; eval mode."""
+def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_kernels: str = "auto") -> LoadedModel:
+    """Load model and tokenizer from a hub id, a local folder or a ``builtin:`` name; eval mode, prepared
+    for ``cpu_kernels`` (``duo_common.cpu_runtime``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
@@ -73,16 +76,23 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> Load
     model.to(torch_device).eval()
     info = ModelInfo(
         model_name=name,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=output_vocab_size(model),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_context_tokens=_max_context(model.config),
         device=str(torch_device),
         dtype=str(model.dtype).removeprefix("torch."),
     )
-    log.info("loaded %s on %s (%s): vocab %d, context %d", name, info.device, info.dtype, info.vocab_size,
-             info.max_context_tokens)
-    return LoadedModel(model, tokenizer, info)
+    runtime = apply_cpu_runtime(model, cpu_kernels)
+    log.info("loaded %s on %s (%s, %s): vocab %d, context %d", name, info.device, info.dtype, runtime.describe(),
+             info.vocab_size, info.max_context_tokens)
+    return LoadedModel(model, tokenizer, info, runtime)
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the output layer (its ``out_features``: a packed layer keeps no ``weight``)."""
+    output = model.get_output_embeddings()
+    return int(getattr(output, "out_features", None) or output.weight.shape[0])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -119,14 +129,19 @@ def truncate_cache(cache, keep_tokens: int) -> None:
         cache.crop(-excess)
 
 
+@torch.inference_mode()
 def select_cache_positions(cache, keep_from: int, positions: torch.Tensor) -> None:
     """Keep the cache's first ``keep_from`` positions followed by ``positions`` (absolute, ascending).
 
-    Used after tree verification: the accepted path's entries are scattered among rejected siblings.
+    Used after tree verification: the accepted path's entries are scattered among rejected siblings. They
+    move down in place (each to a slot at or before its own), then the cache is cropped behind them.
     """
+    keep = keep_from + len(positions)
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
-        index = torch.cat([torch.arange(keep_from, device=layer.keys.device), positions.to(layer.keys.device)])
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
+        index = positions.to(layer.keys.device)
+        layer.keys[..., keep_from:keep, :] = layer.keys.index_select(-2, index)
+        layer.values[..., keep_from:keep, :] = layer.values.index_select(-2, index)
+        layer.keys = layer.keys[..., :keep, :]
+        layer.values = layer.values[..., :keep, :]

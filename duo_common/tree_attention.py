@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import DynamicCache
 
+from duo_common.kv_cache import new_cache
 from duo_common.tree import TokenTree
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def path_to(tree: TokenTree, node: int) -> list[int]:
 def tree_logits(model: torch.nn.Module, prefix: list[int], tree: TokenTree) -> torch.Tensor:
     """Logits [len(tree) + 1, vocab] of [last prefix token, nodes] in one tree forward after the prefix."""
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     if len(prefix) > 1:
         model(input_ids=torch.tensor([prefix[:-1]], device=device), past_key_values=cache, use_cache=True)
     kwargs = tree_attention_inputs(tree, len(prefix) - 1, model.dtype, device)
@@ -80,7 +80,7 @@ _CHECK_PREFIX_LENGTH = 5
 
 def supports_tree_attention(model: torch.nn.Module) -> bool:
     """One-time check: does the model's tree forward match sequential computation? Logs the verdict."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (_CHECK_PREFIX_LENGTH + len(_CHECK_TREE_SHAPE),), generator=generator).tolist()
     prefix, nodes = ids[:_CHECK_PREFIX_LENGTH], ids[_CHECK_PREFIX_LENGTH:]

@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
 from duo_common.default_models import DEFAULT_TARGET
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
@@ -33,15 +34,17 @@ def main() -> None:
               help="auto: bfloat16 on CUDA, the checkpoint's own dtype on CPU.")
 @click.option("--max-tree-nodes", type=click.IntRange(1, 1024), default=64, show_default=True,
               envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
+@click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
+              envvar="DUO_VERIFY_CPU_KERNELS", show_envvar=True, help=KERNELS_HELP)
 @common_serve_options("DUO_VERIFY")
-def serve(model, device, dtype, max_tree_nodes, settings: ServeSettings):
+def serve(model, device, dtype, max_tree_nodes, cpu_kernels, settings: ServeSettings):
     """Serve the Verifier RPCs."""
     setup_process(settings)
     metrics = ServiceMetrics("verify")
     servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions), metrics)
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
                           model)
-    servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype), max_tree_nodes))
+    servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype, cpu_kernels), max_tree_nodes))
     server.mark_serving()
     log.info("serving")
     server.serve_until_signal(settings.grace_s)

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from duo_common.acceptance import Acceptance, accept_greedy, accept_sampled
 from duo_common.errors import InvalidArgument
+from duo_common.kv_cache import new_cache
 from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
 from duo_common.params import DecodingParams
 from duo_common.sampling import logits_to_probs, make_generator, sample
@@ -69,7 +70,7 @@ class TargetVerifier:
                 "including at least one new token"
             )
         started = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         logits = self._forward(list(prompt_ids), cache, None, past=0)[-1:]
         generator = make_generator(params.seed)
         probs = logits_to_probs(logits, params)[0]
