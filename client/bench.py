@@ -2,12 +2,14 @@
 
 Systems, run in turn for every prompt (alternating, so drift in machine load hits all alike):
   hf-generate      HF ``generate`` of the target alone, greedy (torch threads = duo's two services together)
+  hf-generate-bf16 the same in bfloat16: a speed baseline only (other numerics, so other tokens at times);
+                   "× HF" divides by the faster of the two HF ``generate`` runs
   hf-assisted      HF assisted generation with the same draft model
   duo-nospec       duo with speculation off: the target alone through the verify service
   duo-fixed        duo with a fixed draft budget
   duo-sequential   duo with a fixed budget and drafting only after each verdict (no overlap)
   duo-auto         duo with the latency-aware budget
-Greedy outputs of all systems must be identical; the report says where they are not.
+Greedy outputs of all systems but hf-generate-bf16 must be identical; the report says where they are not.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from client.budget import AdaptiveBudget, ControllerConfig
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
 from duo_common.params import StoppingParams
 
+HF_GENERATE = ("hf-generate", "hf-generate-bf16")  # the speed base: the faster of these
+OTHER_NUMERICS = ("hf-generate-bf16",)  # not held to the reference's tokens
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
-ALL_SYSTEMS = ("hf-generate", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential", "duo-auto")
+ALL_SYSTEMS = ("hf-generate", "hf-generate-bf16", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential", "duo-auto")
 
 
 @dataclass
@@ -56,7 +60,7 @@ class SystemSummary:
     acceptance_rate: float | None
     overlap_efficiency: float | None
     new_tokens: int
-    identical_to_reference: bool
+    identical_to_reference: bool | None  # None: not compared (another dtype computes other numerics)
     runs: list[Run] = field(repr=False, default_factory=list)
 
 
@@ -76,6 +80,17 @@ class HfBaselines:
         self.tokenizer = AutoTokenizer.from_pretrained(target_path)
         self.target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
         self.draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
+        self._target_path = target_path
+        self._target_bf16 = None
+
+    def model_for(self, system: str):
+        if system != "hf-generate-bf16":
+            return self.target
+        if self._target_bf16 is None:
+            from transformers import AutoModelForCausalLM
+
+            self._target_bf16 = AutoModelForCausalLM.from_pretrained(self._target_path, dtype=torch.bfloat16).eval()
+        return self._target_bf16
 
     def encode(self, prompt: str, chat: bool) -> list[int]:
         if chat and self.tokenizer.chat_template:
@@ -91,7 +106,7 @@ class HfBaselines:
         started = time.perf_counter()
         streamer.started = started
         with torch.inference_mode():
-            output = self.target.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+            output = self.model_for(system).generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
                                           do_sample=False, streamer=streamer, **extra)
         total = time.perf_counter() - started
         return output[0, len(prompt_ids):].tolist(), total, (streamer.first_at or started + total) - started
@@ -142,16 +157,20 @@ def run_from_result(system: str, index: int, result: GenerationResult) -> Run:
 
 
 def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
-    """Aggregate per system; the reference output is the first system's (HF generate when present)."""
+    """Aggregate per system. The reference output is the first system's (HF generate when present); the
+    speed base is the faster HF ``generate`` (float32 or bfloat16) when one ran, else the first system."""
     reference = {run.prompt_index: run.token_ids for run in runs if run.system == systems[0]}
-    base_rate = None
+    rates = {}
+    for system in systems:
+        mine = [run for run in runs if run.system == system]
+        total_s = sum(run.total_s for run in mine)
+        rates[system] = sum(len(run.token_ids) for run in mine) / total_s if total_s else 0.0
+    base_rate = max((rate for system, rate in rates.items() if system in HF_GENERATE), default=rates[systems[0]])
     summaries = []
     for system in systems:
         mine = [run for run in runs if run.system == system]
         new_tokens = sum(len(run.token_ids) for run in mine)
-        total_s = sum(run.total_s for run in mine)
-        rate = new_tokens / total_s if total_s else 0.0
-        base_rate = base_rate or rate
+        rate = rates[system]
         rounds = sum(run.rounds for run in mine)
         drafted = sum(run.drafted for run in mine)
         summaries.append(SystemSummary(
@@ -163,7 +182,8 @@ def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
             acceptance_rate=(sum(run.accepted for run in mine) / drafted) if drafted else None,
             overlap_efficiency=_overlap_efficiency(mine) if rounds else None,
             new_tokens=new_tokens,
-            identical_to_reference=all(run.token_ids == reference.get(run.prompt_index) for run in mine),
+            identical_to_reference=None if system in OTHER_NUMERICS else all(
+                run.token_ids == reference.get(run.prompt_index) for run in mine),
             runs=mine,
         ))
     return summaries
@@ -188,9 +208,13 @@ def format_table(summaries: list[SystemSummary]) -> str:
         lines.append(
             f"{s.system:<16}{s.tokens_per_s:>8.2f}{s.ratio_to_hf_generate:>7.2f}{s.ttft_s * 1000:>9.0f}"
             f"{_opt(s.mean_committed_per_round, '.2f'):>10}{_opt(s.acceptance_rate, '.0%'):>8}"
-            f"{_opt(s.overlap_efficiency, '.2f'):>9}  {'yes' if s.identical_to_reference else 'NO'}"
+            f"{_opt(s.overlap_efficiency, '.2f'):>9}  {_same(s.identical_to_reference)}"
         )
     return "\n".join(lines)
+
+
+def _same(identical: bool | None) -> str:
+    return "n/a" if identical is None else "yes" if identical else "NO"
 
 
 def _opt(value, spec: str) -> str:

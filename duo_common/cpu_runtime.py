@@ -110,12 +110,16 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
+    # transformers leaves out a purely causal mask (a prefill without cache) and expects is_causal instead.
+    causal = attention_mask is None and length > 1 and (
+        is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if length > SHORT_QUERY_TOKENS:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         output = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scale,
-            is_causal=attention_mask is None and causal, enable_gqa=heads != kv_heads)
+            query, key, value, attn_mask=attention_mask, scale=scale, is_causal=causal, enable_gqa=heads != kv_heads)
         return output.transpose(1, 2).contiguous(), None
+    if causal:
+        past = key.shape[-2] - length
+        attention_mask = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(past)[None, None]
     groups = heads // kv_heads
     # Query heads h = j * groups + g share key/value head j (the layout of transformers' repeat_kv).
     scores = torch.matmul(query.reshape(batch, kv_heads, groups * length, dim), key.transpose(2, 3)) * scale

@@ -7,6 +7,7 @@ from typing import Iterator
 
 from draft_service.servicer import DrafterConfig, DrafterServicer
 from duo_common.models import load_causal_lm
+from duo_common.packed_linear import kernel_unavailable_reason
 from duo_common.metrics import ServiceMetrics
 from duo_common.rpc import ServerOptions, ServiceServer
 from duo_common.security import ChannelSecurity
@@ -14,6 +15,11 @@ from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
 from verify_service.servicer import VerifierServicer
+
+
+# The CPU runtime the in-process services use unless a test says otherwise: duo's packed kernels where they
+# can run (what `--cpu-kernels auto` picks for the services' one thread), else torch's.
+DEFAULT_KERNELS = "packed" if kernel_unavailable_reason() is None else "torch"
 
 
 class RunningPair:
@@ -27,7 +33,8 @@ class RunningPair:
 
 @contextlib.contextmanager
 def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, options: ServerOptions | None = None,
-                  metrics: ServiceMetrics | None = None, port: int = 0) -> Iterator[tuple[str, SessionRegistry]]:
+                  metrics: ServiceMetrics | None = None, port: int = 0,
+                  cpu_kernels: str = DEFAULT_KERNELS) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
     sessions = SessionRegistry(options.max_sessions)
     servicer = VerifierServicer(sessions, metrics)
@@ -35,7 +42,7 @@ def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, o
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
     port = server.bind(f"127.0.0.1:{port}")
     server.start()
-    servicer.attach(TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32"), max_tree_nodes))
+    servicer.attach(TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32", cpu_kernels), max_tree_nodes))
     server.mark_serving()
     try:
         yield f"127.0.0.1:{port}", sessions
@@ -46,7 +53,8 @@ def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, o
 @contextlib.contextmanager
 def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterConfig(), max_sessions: int = 8,
                  options: ServerOptions | None = None, verify_security: ChannelSecurity = ChannelSecurity(),
-                 metrics: ServiceMetrics | None = None) -> Iterator[tuple[str, SessionRegistry]]:
+                 metrics: ServiceMetrics | None = None,
+                 cpu_kernels: str = DEFAULT_KERNELS) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
     sessions = SessionRegistry(options.max_sessions)
     channel = verify_security.channel(verify_addr)
@@ -55,7 +63,7 @@ def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterCon
     duo_pb2_grpc.add_DrafterServicer_to_server(servicer, server.server)
     port = server.bind("127.0.0.1:0")
     server.start()
-    servicer.attach(load_causal_lm(str(draft_dir), "cpu", "float32"))
+    servicer.attach(load_causal_lm(str(draft_dir), "cpu", "float32", cpu_kernels))
     server.mark_serving()
     try:
         yield f"127.0.0.1:{port}", sessions
@@ -65,7 +73,7 @@ def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterCon
 
 
 @contextlib.contextmanager
-def running_pair(target_dir, draft_dir, **draft_kwargs) -> Iterator[RunningPair]:
-    with verify_server(target_dir) as (verify_addr, verify_sessions), \
-            draft_server(draft_dir, verify_addr, **draft_kwargs) as (draft_addr, draft_sessions):
+def running_pair(target_dir, draft_dir, cpu_kernels: str = DEFAULT_KERNELS, **draft_kwargs) -> Iterator[RunningPair]:
+    with verify_server(target_dir, cpu_kernels=cpu_kernels) as (verify_addr, verify_sessions), \
+            draft_server(draft_dir, verify_addr, cpu_kernels=cpu_kernels, **draft_kwargs) as (draft_addr, draft_sessions):
         yield RunningPair(verify_addr, draft_addr, verify_sessions, draft_sessions)

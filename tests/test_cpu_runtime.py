@@ -1,0 +1,188 @@
+"""The CPU runtime (duo_common.cpu_runtime): the packed few-row matrix kernel, grouped-query attention and
+the in-place KV cache compute what transformers' own path computes, and choosing them is explicit."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from duo_common.cpu_runtime import (
+    SHORT_QUERY_TOKENS, RuntimeUnavailableError, apply_cpu_runtime, grouped_query_attention,
+)
+from duo_common.kv_cache import GrowableLayer, new_cache
+from duo_common.models import select_cache_positions, truncate_cache
+from duo_common.packed_linear import PackedLinear, kernel_unavailable_reason, pack_linear_layers
+from tests.tiny_models import build_model
+
+needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None,
+                                  reason=f"packed kernel: {kernel_unavailable_reason()}")
+
+
+def cpu_has_avx512() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+
+
+def test_kernel_is_built_where_it_can_run():
+    """The extension is optional at install; on an x86-64 Linux CPU with AVX-512 it must be there, so the
+    kernel tests below never skip where they should run."""
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and cpu_has_avx512():
+        assert kernel_unavailable_reason() is None
+    else:
+        assert kernel_unavailable_reason() is not None
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 13, 14, 15, 16, 29, 40])
+@pytest.mark.parametrize("out_features,in_features", [(1, 5), (31, 17), (32, 64), (33, 64), (100, 576)])
+def test_packed_linear_matches_torch(rows, out_features, in_features, bias):
+    torch.manual_seed(rows * 1000 + out_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(rows, in_features)
+    expected = linear(x).detach()
+    got = PackedLinear(linear)(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_packed_linear_is_batch_invariant():
+    """Each row's result is bit-identical whether it is computed alone or with others, wherever it sits."""
+    torch.manual_seed(0)
+    packed = PackedLinear(torch.nn.Linear(576, 1000))
+    x = torch.randn(40, 576)
+    together = packed(x)
+    for row in (0, 5, 13, 14, 15, 39):
+        assert torch.equal(packed(x[row:row + 1])[0], together[row])
+    assert torch.equal(packed(x[10:30]), together[10:30])
+
+
+@needs_kernel
+def test_packed_linear_keeps_leading_dimensions_and_refuses_other_dtypes():
+    packed = PackedLinear(torch.nn.Linear(8, 4))
+    assert packed(torch.randn(2, 3, 8)).shape == (2, 3, 4)
+    assert packed(torch.randn(2, 3, 8).transpose(0, 1)).shape == (3, 2, 4)  # non-contiguous input
+    with pytest.raises(TypeError, match="float32"):
+        packed(torch.randn(1, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="float32"):
+        PackedLinear(torch.nn.Linear(8, 4).to(torch.bfloat16))
+
+
+def greedy(model, prompt: list[int], steps: int, cache_factory) -> list[int]:
+    """Greedy decoding one token per forward, through a cache from ``cache_factory``."""
+    cache = cache_factory(model.config)
+    tokens, out = list(prompt), []
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True).logits
+        for _ in range(steps):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True).logits
+    return out
+
+
+@needs_kernel
+def test_packed_runtime_computes_the_same_model():
+    reference = build_model("llama")
+    packed = build_model("llama")
+    runtime = apply_cpu_runtime(packed, "packed")
+    assert runtime.kernels == "packed" and runtime.packed_layers == 2 * 7 + 1
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    ids = torch.tensor([[1, 5, 9, 20, 33, 41, 7, 8]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    prompt = [1, 5, 9, 20]
+    assert greedy(packed, prompt, 40, new_cache) == greedy(reference, prompt, 40, lambda c: DynamicCache(config=c))
+
+
+def test_runtime_choice_is_explicit():
+    model = build_model("llama")
+    assert apply_cpu_runtime(model, "torch").kernels == "torch"
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # torch: the model as loaded
+    with pytest.raises(ValueError, match="unknown CPU kernels"):
+        apply_cpu_runtime(model, "fast")
+    with pytest.raises(RuntimeUnavailableError, match="bfloat16"):
+        apply_cpu_runtime(build_model("llama").to(torch.bfloat16), "packed")
+    bf16 = apply_cpu_runtime(build_model("llama").to(torch.bfloat16), "auto")
+    assert bf16.kernels == "torch" and "bfloat16" in bf16.reason
+
+
+def test_auto_uses_packed_kernels_on_one_thread_only():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = apply_cpu_runtime(build_model("llama"), "auto")
+        assert two.kernels == "torch" and "2 torch threads" in two.reason
+        torch.set_num_threads(1)
+        one = apply_cpu_runtime(build_model("llama"), "auto")
+        assert one.kernels == ("torch" if kernel_unavailable_reason() else "packed")
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Attention:
+    num_key_value_groups = 3
+    is_causal = True
+    training = False
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "per_head"])
+@pytest.mark.parametrize("length", [1, 5, SHORT_QUERY_TOKENS + 3])
+def test_grouped_query_attention_equals_eager_attention(length, mask_kind):
+    torch.manual_seed(length)
+    heads, kv_heads, past, dim = 6, 2, 11, 8
+    module = _Attention()
+    module.num_key_value_groups = heads // kv_heads
+    query = torch.randn(1, heads, length, dim)
+    key, value = torch.randn(1, kv_heads, past + length, dim), torch.randn(1, kv_heads, past + length, dim)
+    visible = torch.ones(length, past + length, dtype=torch.bool)
+    visible[:, past:] = torch.ones(length, length, dtype=torch.bool).tril()
+    visible[length // 2:, 3] = False  # not only causal: some cached positions hidden from some rows
+    additive = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    masks = {"none": None, "bool": visible[None, None], "float": additive[None, None],
+             "per_head": visible[None, None].expand(1, heads, -1, -1)}
+    mask = masks[mask_kind]
+    if mask is None and length > 1:
+        key, value = key[:, :, past:], value[:, :, past:]  # no mask with several rows: a causal prefill
+        reference_mask = torch.zeros(length, length).masked_fill(~visible[:, past:], float("-inf"))[None, None]
+    else:
+        reference_mask = None if mask is None else additive[None, None]
+    got, _ = grouped_query_attention(module, query, key, value, mask, scaling=dim ** -0.5)
+    expected, _ = eager_attention_forward(module, query, key, value, reference_mask, scaling=dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_growable_cache_keeps_what_a_dynamic_cache_keeps():
+    """Appends, crops and tree selections give the same keys and values as transformers' DynamicCache."""
+    config = build_model("llama").config
+    growable, reference = new_cache(config), DynamicCache(config=config)
+    assert all(isinstance(layer, GrowableLayer) for layer in growable.layers)
+    torch.manual_seed(0)
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+    def append(count: int) -> None:
+        for index in range(len(reference.layers)):
+            keys, values = torch.randn(1, heads, count, dim), torch.randn(1, heads, count, dim)
+            for cache in (growable, reference):
+                cache.update(keys, values, index)
+
+    with torch.inference_mode():
+        for step in range(12):
+            append(1 + 7 * (step % 3) + 40 * (step == 4))
+            if step % 4 == 1:
+                for cache in (growable, reference):
+                    truncate_cache(cache, cache.get_seq_length() - 3)
+            if step % 4 == 2:
+                length = reference.get_seq_length()
+                for cache in (growable, reference):
+                    select_cache_positions(cache, length - 6, torch.tensor([length - 5, length - 2, length - 1]))
+            for mine, theirs in zip(growable.layers, reference.layers):
+                assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert growable.get_seq_length() == reference.get_seq_length()
+    buffer = growable.layers[0]._key_buffer
+    assert buffer.shape[-2] % 64 == 0 and buffer.shape[-2] < 2 * growable.get_seq_length() + 64
