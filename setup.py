@@ -10,6 +10,6 @@ from setuptools import Extension, setup
 extensions = []
 if platform.machine().lower() in ("x86_64", "amd64") and platform.system() == "Linux":
     extensions.append(Extension("duo_common._packed_gemm", ["duo_common/_packed_gemm.c"],
-                                extra_compile_args=["-O3"], optional=True))
+                                extra_compile_args=["-O3", "-ffp-contract=off"], optional=True))
 
 setup(ext_modules=extensions)

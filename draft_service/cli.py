@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from draft_service.servicer import DrafterConfig, DrafterServicer
-from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
+from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
 from duo_common.default_models import DEFAULT_DRAFT
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
@@ -42,7 +42,9 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--model", default=DEFAULT_DRAFT, help="Draft model: hub id, local folder or builtin name.")
 @_option("--verify-addr", required=True,
          help="The verify service: HOST:PORT, or dns:///NAME:PORT to balance over every address NAME resolves to.")
-@_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
+@_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+         help="auto: float32 where the packed CPU kernels run (the draft's numerics never change duo's output, "
+              "and that is its fastest runtime measured), else the checkpoint's own dtype.")
 @_option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", help=KERNELS_HELP)
 @_option("--default-budget", type=click.IntRange(0, 1024), default=4,
          help="Draft tokens per round when a request sets none.")
@@ -88,6 +90,8 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
                                verify_security.metadata)
     server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
                           model)
+    if dtype == "auto" and packed_kernels_will_run(cpu_kernels):
+        dtype = "float32"
     servicer.attach(load_causal_lm(model, "cpu", dtype, cpu_kernels))
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()

@@ -4,30 +4,42 @@
  * the weights are read once. On a CPU, the BLAS kernels torch calls for 2-32 rows re-pack or re-read the
  * weight and cost up to 3x a single row. This kernel streams the weight exactly once per call, whatever
  * the number of rows, from a layout made for it: the weight [N][K] is stored as column panels
- * P[ceil(N/32)][K][32] (zero padded), so each step over K reads 128 contiguous bytes and updates up to
+ * [ceil(N/32)][K][32] (zero padded), so each step over K reads one row of 32 weights and updates up to
  * ROWS_MAX rows x 32 outputs held in AVX-512 registers.
  *
- * Numerics: every output is one fused-multiply-add chain over k = 0 .. K-1 in order, the same whatever the
- * number of rows or their position in X, so a row's result never depends on what it is batched with.
+ * Storage formats (the caller packs; duo_common.packed_linear chooses the smallest that is *exact*):
+ *   FORMAT_F32        panels of float32.
+ *   FORMAT_BF16       panels of bfloat16 bits, for weights that are bfloat16 values (a bfloat16 checkpoint
+ *                     run in float32): widened to float32 exactly.
+ *   FORMAT_I8_BLOCKS  panels of int8 q with, per column and block of 32 consecutive k, a float32 scale d and
+ *                     offset m, for weights that are exactly d * q + m (weights dequantised from a GGUF file,
+ *                     like the default target): rebuilt as (d * q) + m, two roundings as the packer checked.
+ * A compressed panel is first widened into a float32 scratch panel (in cache), then multiplied exactly as a
+ * float32 one: the weights the products see are bit for bit the model's, only fewer bytes come from memory.
  *
- * Built as an optional extension (setup.py); the AVX-512 code is compiled for that target only and runs
- * only where avx512_supported() says so, so the module imports on any x86-64 CPU.
+ * Numerics: every output is one fused-multiply-add chain over k = 0 .. K-1 in order, the same whatever the
+ * number of rows, their position in X or the storage format, so a row's result never depends on what it is
+ * batched with.
+ *
+ * Built as an optional extension (setup.py, with -ffp-contract=off so (d * q) + m is never fused); the
+ * AVX-512 code is compiled for that target only and runs only where avx512_supported() says so, so the
+ * module imports on any x86-64 CPU.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8_BLOCKS = 2 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define DUO_HAVE_AVX512_BUILD 1
-#define PANEL 32          /* output columns per panel: two 16-float registers */
-#ifndef ROWS_MAX
-#define ROWS_MAX 14
-#endif
-#ifndef PREFETCH_FLOATS
-#define PREFETCH_FLOATS 1024
-#endif
+#define PANEL 32           /* output columns per panel: two 16-float registers */
+#define BLOCK 32           /* k positions sharing one scale and offset (FORMAT_I8_BLOCKS) */
+#define ROWS_MAX 14        /* rows per register tile: 2 x 14 accumulators + 2 weight registers <= 32 */
+#define PREFETCH_BYTES 8192
 
 __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     const float *x, int k_dim, const float *panel, float *y, int n, int n0, const float *bias, int rows) {
@@ -41,8 +53,8 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     }
     for (int k = 0; k < k_dim; k++) {
         const float *w = panel + (size_t)k * PANEL;
-        _mm_prefetch((const char *)(w + PREFETCH_FLOATS), PF_HINT);
-        _mm_prefetch((const char *)(w + PREFETCH_FLOATS + 16), PF_HINT);
+        _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
         __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
         for (int r = 0; r < rows; r++) {
             __m512 xv = _mm512_set1_ps(x[(size_t)r * k_dim + k]);
@@ -58,26 +70,78 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     }
 }
 
+__attribute__((target("avx512f"))) static void widen_bf16_panel(const uint16_t *src, int k_dim, float *dst) {
+    for (size_t i = 0; i < (size_t)k_dim * PANEL; i += 16) {
+        _mm_prefetch((const char *)(src + i) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+    }
+}
+
+__attribute__((target("avx512f"))) static void widen_i8_panel(
+    const int8_t *src, const float *scale, const float *offset, int k_dim, float *dst) {
+    for (int kb = 0; kb < k_dim / BLOCK; kb++) {
+        const float *d = scale + (size_t)kb * PANEL, *m = offset + (size_t)kb * PANEL;
+        __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
+        __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16);
+        for (int k = kb * BLOCK; k < (kb + 1) * BLOCK; k++) {
+            const int8_t *q = src + (size_t)k * PANEL;
+            _mm_prefetch((const char *)q + PREFETCH_BYTES / 4, _MM_HINT_T0);
+            __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+            __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+            _mm512_storeu_ps(dst + (size_t)k * PANEL, _mm512_add_ps(_mm512_mul_ps(q0, d0), m0));
+            _mm512_storeu_ps(dst + (size_t)k * PANEL + 16, _mm512_add_ps(_mm512_mul_ps(q1, d1), m1));
+        }
+    }
+}
+
+/* One float32 scratch panel per thread (callers may run concurrently with the GIL released). */
+static __thread float *scratch;
+static __thread size_t scratch_floats;
+
+static float *scratch_panel(size_t floats) {
+    if (floats > scratch_floats) {
+        free(scratch);
+        scratch = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        scratch_floats = scratch ? floats : 0;
+    }
+    return scratch;
+}
+
 /* The row count as a compile-time constant in each case, so the tile's accumulators live in registers. */
 #define TILE_CASE(R) \
     case R: tile(x + (size_t)r0 * k_dim, k_dim, panel, y + (size_t)r0 * n, n, n0, bias, R); break;
 
-__attribute__((target("avx512f,fma"))) static void gemm_avx512(
-    const float *x, int rows, int k_dim, const float *packed, int n, float *y, const float *bias) {
+/* Returns 0, or -1 when the scratch panel cannot be allocated. */
+__attribute__((target("avx512f,fma"))) static int gemm_avx512(
+    const float *x, int rows, int k_dim, const void *weights, int format, const float *scales,
+    const float *offsets, int n, float *y, const float *bias) {
     int panels = (n + PANEL - 1) / PANEL;
+    size_t panel_size = (size_t)k_dim * PANEL;
+    float *widened = format == FORMAT_F32 ? NULL : scratch_panel(panel_size);
+    if (format != FORMAT_F32 && !widened)
+        return -1;
     for (int p = 0; p < panels; p++) {
-        const float *panel = packed + (size_t)p * k_dim * PANEL;
+        const float *panel = widened;
+        if (format == FORMAT_F32) {
+            panel = (const float *)weights + p * panel_size;
+        } else if (format == FORMAT_BF16) {
+            widen_bf16_panel((const uint16_t *)weights + p * panel_size, k_dim, widened);
+        } else {
+            size_t per_panel = (size_t)(k_dim / BLOCK) * PANEL;
+            widen_i8_panel((const int8_t *)weights + p * panel_size, scales + p * per_panel,
+                           offsets + p * per_panel, k_dim, widened);
+        }
         int n0 = p * PANEL;
         /* Rows beyond ROWS_MAX re-read this panel from cache, not from memory. */
         for (int r0 = 0; r0 < rows; r0 += ROWS_MAX) {
             switch (rows - r0 < ROWS_MAX ? rows - r0 : ROWS_MAX) {
                 TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7)
-#if ROWS_MAX > 7
                 TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14)
-#endif
             }
         }
     }
+    return 0;
 }
 #endif
 
@@ -94,15 +158,21 @@ static PyObject *py_avx512_supported(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(cpu_supported());
 }
 
-/* gemm(x, rows, k, packed, n, y, bias): addresses as integers (torch data_ptr()), bias 0 for none.
- * The caller (duo_common.packed_linear) owns validation: float32, contiguous, shapes, panel layout. */
+/* gemm(x, rows, k, weights, format, scales, offsets, n, y, bias): addresses as integers (torch
+ * data_ptr()); scales and offsets only for FORMAT_I8_BLOCKS, bias 0 for none. The caller
+ * (duo_common.packed_linear) owns validation: dtypes, contiguity, shapes, panel layout. */
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
-    unsigned long long x, packed, y, bias;
-    int rows, k_dim, n;
-    if (!PyArg_ParseTuple(args, "KiiKiKK", &x, &rows, &k_dim, &packed, &n, &y, &bias))
+    unsigned long long x, weights, scales, offsets, y, bias;
+    int rows, k_dim, format, n;
+    if (!PyArg_ParseTuple(args, "KiiKiKKiKK", &x, &rows, &k_dim, &weights, &format, &scales, &offsets, &n, &y, &bias))
         return NULL;
-    if (rows < 0 || k_dim <= 0 || n <= 0 || !x || !packed || !y) {
+    if (rows < 0 || k_dim <= 0 || n <= 0 || !x || !weights || !y) {
         PyErr_SetString(PyExc_ValueError, "gemm: bad shape or null buffer");
+        return NULL;
+    }
+    if (format < FORMAT_F32 || format > FORMAT_I8_BLOCKS
+        || (format == FORMAT_I8_BLOCKS && (k_dim % 32 || !scales || !offsets))) {
+        PyErr_SetString(PyExc_ValueError, "gemm: bad weight format");
         return NULL;
     }
 #ifdef DUO_HAVE_AVX512_BUILD
@@ -110,10 +180,14 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "gemm: this CPU has no AVX-512F");
         return NULL;
     }
+    int status;
     Py_BEGIN_ALLOW_THREADS
-    gemm_avx512((const float *)(uintptr_t)x, rows, k_dim, (const float *)(uintptr_t)packed, n,
-                (float *)(uintptr_t)y, bias ? (const float *)(uintptr_t)bias : NULL);
+    status = gemm_avx512((const float *)(uintptr_t)x, rows, k_dim, (const void *)(uintptr_t)weights, format,
+                         (const float *)(uintptr_t)scales, (const float *)(uintptr_t)offsets, n,
+                         (float *)(uintptr_t)y, bias ? (const float *)(uintptr_t)bias : NULL);
     Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
     PyErr_SetString(PyExc_RuntimeError, "gemm: built without AVX-512 support");

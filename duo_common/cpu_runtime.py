@@ -39,12 +39,17 @@ class RuntimeUnavailableError(ModelNotAvailableError):
 @dataclass(frozen=True)
 class CpuRuntime:
     kernels: str  # "packed" or "torch": what actually runs
-    packed_layers: int = 0
+    packed_formats: tuple[tuple[str, int], ...] = ()  # (weight storage format, linear layers stored so)
     reason: str = ""  # why ``auto`` chose torch
+
+    @property
+    def packed_layers(self) -> int:
+        return sum(count for _, count in self.packed_formats)
 
     def describe(self) -> str:
         if self.kernels == "packed":
-            return f"packed kernels ({self.packed_layers} linear layers), grouped-query attention"
+            formats = ", ".join(f"{count} {name}" for name, count in self.packed_formats)
+            return f"packed kernels (linear layers: {formats or 'none'}), grouped-query attention"
         return "torch kernels" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -60,7 +65,15 @@ def apply_cpu_runtime(model: torch.nn.Module, choice: str) -> CpuRuntime:
             raise RuntimeUnavailableError(f"--cpu-kernels packed cannot run here: {reason}")
         return CpuRuntime("torch", reason=reason)
     _use_grouped_query_attention(model)
-    return CpuRuntime("packed", packed_layers=pack_linear_layers(model))
+    formats = pack_linear_layers(model)
+    return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())))
+
+
+def packed_kernels_will_run(choice: str) -> bool:
+    """Whether ``choice`` gives the packed kernels to a float32 CPU model in this process."""
+    if choice == "torch" or kernel_unavailable_reason() is not None:
+        return False
+    return choice == "packed" or torch.get_num_threads() == 1
 
 
 def _packed_unavailable_reason(model: torch.nn.Module, strict: bool) -> str | None:

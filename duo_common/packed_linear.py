@@ -6,9 +6,19 @@ is what makes speculation slow on a CPU. ``duo_common._packed_gemm`` streams eac
 whatever the row count (see its source for the layout); ``PackedLinear`` holds the packed weight and
 calls it. Each output is summed in a fixed order, so a row's result does not depend on how many rows
 share the call (batch-invariant), unlike torch's kernels.
+
+Each weight is stored in the smallest layout that holds it *exactly*: int8 with a float32 scale and offset
+per 32 inputs when every value is scale * q + offset (weights dequantised from a GGUF file, like the
+default target: 1.25 bytes a weight instead of 4), bfloat16 when every value is a bfloat16 (a bfloat16
+checkpoint run in float32), else float32. The kernel widens a panel back to float32 in cache before
+multiplying, so the products see the model's weights bit for bit and only fewer bytes come from memory,
+which is what bounds a CPU forward pass over a few tokens.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,7 +28,9 @@ try:
 except ImportError:  # not built on this machine (setup.py builds it where it can)
     _packed_gemm = None
 
-PANEL = 32  # output columns per packed panel; must match PANEL in _packed_gemm.c
+PANEL = 32  # output columns per packed panel; PANEL in _packed_gemm.c
+BLOCK = 32  # consecutive inputs sharing one scale and offset in the int8 format; BLOCK in _packed_gemm.c
+FORMAT_F32, FORMAT_BF16, FORMAT_I8_BLOCKS = 0, 1, 2  # the kernel's storage formats
 
 
 def kernel_unavailable_reason() -> str | None:
@@ -30,18 +42,85 @@ def kernel_unavailable_reason() -> str | None:
     return None
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] → panels [ceil(N / 32), K, 32], zero padded: panel p holds columns 32p .. 32p + 31."""
-    n, k = weight.shape
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [N, K] in the kernel's panel layout: ``data`` [ceil(N / 32), K, 32] (zero padded), and for
+    the int8 format ``scales`` and ``offsets`` [ceil(N / 32), K / 32, 32]."""
+
+    format: int
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+
+    @property
+    def format_name(self) -> str:
+        return {FORMAT_F32: "float32", FORMAT_BF16: "bfloat16", FORMAT_I8_BLOCKS: "int8 blocks"}[self.format]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None)
+
+
+def _panels(matrix: torch.Tensor) -> torch.Tensor:
+    """[N, C] → [ceil(N / 32), C, 32], zero padded: panel p holds rows 32p .. 32p + 31 of ``matrix``."""
+    n, columns = matrix.shape
     panels = -(-n // PANEL)
-    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
-    padded[:n] = weight
-    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+    padded = matrix.new_zeros(panels * PANEL, columns)
+    padded[:n] = matrix
+    return padded.view(panels, PANEL, columns).transpose(1, 2).contiguous()
+
+
+def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(q int8 [N, K], scale, offset [N, K / 32] float32) with weight == scale * q + offset bit for bit in
+    every block of 32 consecutive inputs, or None when some block is not of that form.
+
+    Weights dequantised from GGUF's block formats are (Q4_1, Q5_1: q ≥ 0 with the block's minimum as offset;
+    Q8_0, Q4_0, Q5_0: symmetric, no offset; scales on float16's grid). Each block takes the first candidate
+    that rebuilds it exactly; nothing is approximated."""
+    n, k = weight.shape
+    if k % BLOCK:
+        return None
+    blocks = weight.reshape(n, k // BLOCK, BLOCK)
+    low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    largest = torch.where(high >= -low, high, low)  # the value of largest magnitude, signed
+    zero = torch.zeros_like(low)
+    candidates = (((high - low) / 15, low), ((high - low) / 31, low), (largest / 127, zero),
+                  (largest / -8, zero), (largest / -16, zero))
+    q = torch.zeros(blocks.shape, dtype=torch.int8)
+    scale, offset = torch.zeros_like(low), torch.zeros_like(low)
+    found = torch.zeros(low.shape, dtype=torch.bool)
+    for raw_scale, candidate_offset in candidates:
+        candidate_scale = raw_scale.half().float()  # GGUF stores block scales as float16
+        safe = torch.where(candidate_scale == 0, torch.ones_like(candidate_scale), candidate_scale)
+        levels = torch.round((blocks - candidate_offset) / safe).clamp(-128, 127)
+        levels = torch.where(candidate_scale == 0, torch.zeros_like(levels), levels)
+        exact = ((candidate_scale * levels + candidate_offset) == blocks).all(-1, keepdim=True) & ~found
+        q = torch.where(exact, levels.to(torch.int8), q)
+        scale = torch.where(exact, candidate_scale, scale)
+        offset = torch.where(exact, candidate_offset, offset)
+        found |= exact
+        if bool(found.all()):
+            return q.reshape(n, k), scale.reshape(n, k // BLOCK), offset.reshape(n, k // BLOCK)
+    return None
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
+    """The smallest exact layout of a float32 weight [N, K]: int8 blocks, else bfloat16, else float32."""
+    weight = weight.detach().float().contiguous()
+    blocks = exact_int8_blocks(weight)
+    if blocks is not None:
+        q, scale, offset = blocks
+        return PackedWeight(FORMAT_I8_BLOCKS, _panels(q), _panels(scale), _panels(offset))
+    as_bf16 = weight.to(torch.bfloat16)
+    if torch.equal(as_bf16.float(), weight):
+        return PackedWeight(FORMAT_BF16, _panels(as_bf16.view(torch.int16)))
+    return PackedWeight(FORMAT_F32, _panels(weight))
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` on the CPU in float32, computed by the packed kernel (same parameters, same result up
-    to the order of floating-point sums)."""
+    """``nn.Linear`` on the CPU in float32, computed by the packed kernel from the weight stored in its
+    smallest exact format (the same weights bit for bit; results differ from torch's only in the order of
+    floating-point sums)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -49,7 +128,7 @@ class PackedLinear(nn.Module):
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"PackedLinear takes float32 CPU weights, not {weight.dtype} on {weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", pack_weight(weight), persistent=False)
+        self.weight_format = pack_weight(weight)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
         self.register_buffer("bias", bias, persistent=False)
 
@@ -58,24 +137,31 @@ class PackedLinear(nn.Module):
             raise TypeError(f"PackedLinear takes float32 CPU inputs, not {x.dtype} on {x.device}")
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        packed = self.weight_format
         if rows.shape[0]:
-            _packed_gemm.gemm(rows.data_ptr(), rows.shape[0], self.in_features, self.packed.data_ptr(),
-                              self.out_features, out.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
+            _packed_gemm.gemm(
+                rows.data_ptr(), rows.shape[0], self.in_features, packed.data.data_ptr(), packed.format,
+                0 if packed.scales is None else packed.scales.data_ptr(),
+                0 if packed.offsets is None else packed.offsets.data_ptr(),
+                self.out_features, out.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weights={self.weight_format.format_name}")
 
 
-def pack_linear_layers(model: nn.Module) -> int:
-    """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns how many.
+def pack_linear_layers(model: nn.Module) -> Counter:
+    """Replace every float32 ``nn.Linear`` of ``model`` by a ``PackedLinear``; returns how many layers got
+    each storage format.
 
     Tied weights (an output layer sharing the embedding matrix) are packed separately: the embedding
     keeps its own table."""
-    replaced = 0
+    formats: Counter = Counter()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
-                setattr(parent, name, PackedLinear(child))
-                replaced += 1
-    return replaced
+                packed = PackedLinear(child)
+                setattr(parent, name, packed)
+                formats[packed.weight_format.format_name] += 1
+    return formats
