@@ -14,6 +14,7 @@ from client import bench
 from client.budget import AdaptiveBudget, ControllerConfig
 from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
+from duo_common.cpu_runtime import KERNEL_CHOICES
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
 from duo_common.errors import DuoError, FailedPrecondition
 from duo_common.params import DecodingParams, StoppingParams
@@ -68,6 +69,8 @@ def main() -> None:
 @click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Embedded mode: the verify service's device.")
+@click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
+              help="Embedded mode: both services' CPU matrix kernels (duo-verify serve --help).")
 @click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None, help="Deadline of the generation.")
 @click.option("--tls-ca", type=_FILE, envvar="DUO_CLIENT_TLS_CA", help="Remote mode: CA of the draft service (TLS).")
 @click.option("--tls-cert", type=_FILE, envvar="DUO_CLIENT_TLS_CERT", help="Client certificate (mutual TLS).")
@@ -76,7 +79,7 @@ def main() -> None:
               help="Send 'authorization: Bearer <token>' with the token in this file.")
 def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, ignore_eos, chat, draft_budget,
              max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model,
-             verify_threads, draft_threads, device, timeout_s, tls_ca, tls_cert, tls_key, auth_token_file):
+             verify_threads, draft_threads, device, cpu_kernels, timeout_s, tls_ca, tls_cert, tls_key, auth_token_file):
     """Generate a continuation of PROMPT (read from stdin when omitted), streaming it to stdout."""
     if prompt is None:
         prompt = sys.stdin.read()
@@ -108,7 +111,8 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
             if draft_addr is None:
                 if verify_addr is not None:
                     raise click.UsageError("--verify-addr needs --draft-addr (the draft service talks to the verifier)")
-                config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device)
+                config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
+                                        cpu_kernels=cpu_kernels)
                 draft_addr = stack.enter_context(embedded_services(config)).draft
             channel = stack.enter_context(security.channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
@@ -175,10 +179,12 @@ def _print_stats(result: GenerationResult) -> None:
 @click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True)
 @click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
+              help="Both duo services' CPU matrix kernels (embedded mode).")
 @click.option("--hf-threads", type=click.IntRange(1), default=None,
               help="torch threads of the HF baselines (default: verify + draft threads, duo's cores).")
 def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, max_branches, chat, warmup, json_out,
-                  chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, hf_threads):
+                  chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, cpu_kernels, hf_threads):
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
     from duo_common.default_models import resolve_model
 
@@ -194,7 +200,8 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
     runs: list[bench.Run] = []
     with contextlib.ExitStack() as stack:
         if draft_addr is None and any(name.startswith("duo") for name in chosen):
-            config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, "cpu")
+            config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, "cpu",
+                                    cpu_kernels=cpu_kernels)
             draft_addr = stack.enter_context(embedded_services(config)).draft
         orchestrator = None
         if draft_addr is not None:
@@ -222,7 +229,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
     click.echo(bench.format_table(summaries))
     meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
             "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
-            "hf_threads": hf_threads, "fixed_budget": fixed_budget, "max_branches": max_branches,
+            "hf_threads": hf_threads, "cpu_kernels": cpu_kernels, "fixed_budget": fixed_budget, "max_branches": max_branches,
             "draft_addr": draft_addr}
     if json_out:
         bench.write_json(json_out, summaries, meta)

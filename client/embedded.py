@@ -29,6 +29,7 @@ class EmbeddedConfig:
     verify_device: str = "auto"
     verify_dtype: str = "auto"
     draft_dtype: str = "auto"
+    cpu_kernels: str = "auto"  # both services' --cpu-kernels
     start_timeout_s: float = 600.0
 
 
@@ -45,12 +46,12 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
         deadline = time.monotonic() + config.start_timeout_s
         verify = stack.enter_context(_child("verify", [
             "verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
-            "--device", config.verify_device, "--dtype", config.verify_dtype,
+            "--device", config.verify_device, "--dtype", config.verify_dtype, "--cpu-kernels", config.cpu_kernels,
         ], work))
         verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
         draft = stack.enter_context(_child("draft", [
             "draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
-            "--dtype", config.draft_dtype, "--verify-addr", verify_addr,
+            "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels, "--verify-addr", verify_addr,
         ], work))
         draft_addr = f"127.0.0.1:{draft.wait_port(deadline)}"
         verify.wait_healthy(verify_addr, deadline)

@@ -61,7 +61,7 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None)
 
 
-def _panels(matrix: torch.Tensor) -> torch.Tensor:
+def to_panels(matrix: torch.Tensor) -> torch.Tensor:
     """[N, C] → [ceil(N / 32), C, 32], zero padded: panel p holds rows 32p .. 32p + 31 of ``matrix``."""
     n, columns = matrix.shape
     panels = -(-n // PANEL)
@@ -110,11 +110,11 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
     blocks = exact_int8_blocks(weight)
     if blocks is not None:
         q, scale, offset = blocks
-        return PackedWeight(FORMAT_I8_BLOCKS, _panels(q), _panels(scale), _panels(offset))
+        return PackedWeight(FORMAT_I8_BLOCKS, to_panels(q), to_panels(scale), to_panels(offset))
     as_bf16 = weight.to(torch.bfloat16)
     if torch.equal(as_bf16.float(), weight):
-        return PackedWeight(FORMAT_BF16, _panels(as_bf16.view(torch.int16)))
-    return PackedWeight(FORMAT_F32, _panels(weight))
+        return PackedWeight(FORMAT_BF16, to_panels(as_bf16.view(torch.int16)))
+    return PackedWeight(FORMAT_F32, to_panels(weight))
 
 
 class PackedLinear(nn.Module):

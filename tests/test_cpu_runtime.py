@@ -16,7 +16,10 @@ from duo_common.cpu_runtime import (
 )
 from duo_common.kv_cache import GrowableLayer, new_cache
 from duo_common.models import select_cache_positions, truncate_cache
-from duo_common.packed_linear import PackedLinear, kernel_unavailable_reason, pack_linear_layers
+from duo_common.packed_linear import (
+    FORMAT_BF16, FORMAT_F32, FORMAT_I8_BLOCKS, PackedLinear, PackedWeight, exact_int8_blocks,
+    kernel_unavailable_reason, pack_weight, to_panels,
+)
 from tests.tiny_models import build_model
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None,
@@ -61,6 +64,67 @@ def test_packed_linear_is_batch_invariant():
     for row in (0, 5, 13, 14, 15, 39):
         assert torch.equal(packed(x[row:row + 1])[0], together[row])
     assert torch.equal(packed(x[10:30]), together[10:30])
+
+
+def gguf_like_blocks(kind: str, rows: int, inputs: int, seed: int = 0) -> torch.Tensor:
+    """Weights as llama.cpp's legacy block formats dequantise them: per 32 inputs a float16 scale d (and
+    minimum m), values d * q + m computed in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rows, inputs // 32, 1)
+    d = (torch.rand(shape, generator=generator) * 0.02 + 1e-4).half().float()
+    if kind == "q4_1":
+        q = torch.randint(0, 16, (rows, inputs // 32, 32), generator=generator).float()
+        q[..., 0], q[..., 1] = 0, 15  # the block's minimum and maximum quantise to 0 and 15
+        m = (torch.randn(shape, generator=generator) * 0.05).half().float()
+        return (d * q + m).reshape(rows, inputs)
+    if kind == "q8_0":
+        q = torch.randint(-127, 128, (rows, inputs // 32, 32), generator=generator).float()
+        q[..., 0] = 127 * torch.sign(torch.randn(shape[:2], generator=generator))  # amax quantises to ±127
+        return (d * q).reshape(rows, inputs)
+    if kind == "q4_0":
+        q = torch.randint(-8, 8, (rows, inputs // 32, 32), generator=generator).float()
+        q[..., 0] = -8  # the value of largest magnitude quantises to -8
+        return (d * q).reshape(rows, inputs)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "q4_0"])
+def test_gguf_block_weights_are_found_exactly(kind):
+    weight = gguf_like_blocks(kind, 40, 96)
+    weight[3, 32:64] = 0.25  # a constant block
+    q, scale, offset = exact_int8_blocks(weight)
+    rebuilt = (scale[..., None] * q.float().view(40, 3, 32) + offset[..., None]).reshape(40, 96)
+    assert torch.equal(rebuilt, weight)
+    assert pack_weight(weight).format == FORMAT_I8_BLOCKS
+
+
+def test_other_weights_keep_an_exact_wider_format():
+    torch.manual_seed(0)
+    plain = torch.randn(40, 96)
+    assert exact_int8_blocks(plain) is None and pack_weight(plain).format == FORMAT_F32
+    almost = gguf_like_blocks("q4_1", 40, 96)
+    almost[7, 50] = torch.nextafter(almost[7, 50], torch.tensor(1.0))  # one weight one ulp off the grid
+    assert exact_int8_blocks(almost) is None
+    assert pack_weight(torch.randn(40, 96).bfloat16().float()).format == FORMAT_BF16
+    assert pack_weight(torch.randn(40, 95)).format == FORMAT_F32  # inputs not a multiple of 32
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 33])
+def test_compressed_formats_multiply_bit_for_bit_like_float32(kind, rows):
+    """The same weights stored compactly give exactly the float32 layout's products: only bytes change."""
+    weight = torch.randn(70, 96).bfloat16().float() if kind == "bf16" else gguf_like_blocks(kind, 70, 96)
+    linear = torch.nn.Linear(96, 70)
+    linear.weight.data = weight
+    compact = PackedLinear(linear)
+    wide = PackedLinear(linear)
+    wide.weight_format = PackedWeight(FORMAT_F32, to_panels(weight))
+    assert compact.weight_format.format != FORMAT_F32
+    assert compact.weight_format.nbytes < wide.weight_format.nbytes
+    x = torch.randn(rows, 96)
+    assert torch.equal(compact(x), wide(x))
+    torch.testing.assert_close(compact(x), linear(x).detach(), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -9,6 +9,7 @@ keeps the pending token and the accepted path only.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -59,6 +60,9 @@ class TargetVerifier:
         self.max_tree_nodes = max_tree_nodes
         self._device = next(self.model.parameters()).device
         self._forward_lock = threading.Lock()
+        # A prefill needs the last position's logits only; models that can skip the others say so.
+        takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
 
     def open(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> Prefill:
         if not prompt_ids:
@@ -71,7 +75,7 @@ class TargetVerifier:
             )
         started = time.perf_counter()
         cache = new_cache(self.model.config)
-        logits = self._forward(list(prompt_ids), cache, None, past=0)[-1:]
+        logits = self._forward(list(prompt_ids), cache, None, past=0, **self._last_logits_only)[-1:]
         generator = make_generator(params.seed)
         probs = logits_to_probs(logits, params)[0]
         first = int(probs.argmax()) if params.is_greedy else sample(probs, generator)
@@ -114,12 +118,13 @@ class TargetVerifier:
         session.cached_tokens = keep
         session.pending_token = acceptance.next_token
 
-    def _forward(self, tokens: list[int], cache: DynamicCache, tree: TokenTree | None, past: int) -> torch.Tensor:
-        """Logits [len(tokens), vocab] (float32, CPU) for tokens placed after ``past`` cached positions."""
+    def _forward(self, tokens: list[int], cache: DynamicCache, tree: TokenTree | None, past: int,
+                 **kwargs) -> torch.Tensor:
+        """Logits [len(tokens), vocab] (float32, CPU) for tokens placed after ``past`` cached positions (fewer
+        rows, the last ones, with ``logits_to_keep``)."""
         input_ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
-        kwargs = {}
         if isinstance(tree, TokenTree):
-            kwargs = tree_attention_inputs(tree, past, self.model.dtype, self._device)
+            kwargs.update(tree_attention_inputs(tree, past, self.model.dtype, self._device))
         with self._forward_lock, torch.inference_mode():
             output = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
         return output.logits[0].float().cpu()
