@@ -133,12 +133,16 @@ __attribute__((target("avx512f,fma"))) static int gemm_avx512(
                            offsets + p * per_panel, k_dim, widened);
         }
         int n0 = p * PANEL;
-        /* Rows beyond ROWS_MAX re-read this panel from cache, not from memory. */
-        for (int r0 = 0; r0 < rows; r0 += ROWS_MAX) {
-            switch (rows - r0 < ROWS_MAX ? rows - r0 : ROWS_MAX) {
+        /* More rows than ROWS_MAX: tiles of equal height (16 = 8 + 8, not 14 + 2, whose 2-row tile would
+         * leave the FMA units waiting), each re-reading this panel from cache, not from memory. */
+        int tiles = (rows + ROWS_MAX - 1) / ROWS_MAX;
+        for (int t = 0, r0 = 0; t < tiles; t++) {
+            int height = (rows - r0) / (tiles - t);
+            switch (height) {
                 TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7)
                 TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14)
             }
+            r0 += height;
         }
     }
     return 0;

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from duo_common.kv_cache import new_cache
+from duo_common.models import output_vocab_size
 from duo_common.tree import TokenTree
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ _CHECK_PREFIX_LENGTH = 5
 
 def supports_tree_attention(model: torch.nn.Module) -> bool:
     """One-time check: does the model's tree forward match sequential computation? Logs the verdict."""
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = output_vocab_size(model)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (_CHECK_PREFIX_LENGTH + len(_CHECK_TREE_SHAPE),), generator=generator).tolist()
     prefix, nodes = ids[:_CHECK_PREFIX_LENGTH], ids[_CHECK_PREFIX_LENGTH:]
