@@ -14,8 +14,9 @@
  *   FORMAT_I8_BLOCKS  panels of int8 q with, per column and block of 32 consecutive k, a float32 scale d and
  *                     offset m, for weights that are exactly d * q + m (weights dequantised from a GGUF file,
  *                     like the default target): rebuilt as (d * q) + m, two roundings as the packer checked.
- * A compressed panel is first widened into a float32 scratch panel (in cache), then multiplied exactly as a
- * float32 one: the weights the products see are bit for bit the model's, only fewer bytes come from memory.
+ * Compact weights are widened to float32 before they are multiplied (in registers, step by step, for as many
+ * rows as one tile holds; else once per panel into a float32 scratch panel that every tile reads from
+ * cache): the products see the model's weights bit for bit, only fewer bytes come from memory.
  *
  * Numerics: every output is one fused-multiply-add chain over k = 0 .. K-1 in order, the same whatever the
  * number of rows, their position in X or the storage format, so a row's result never depends on what it is
@@ -39,10 +40,15 @@ enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8_BLOCKS = 2 };
 #define PANEL 32           /* output columns per panel: two 16-float registers */
 #define BLOCK 32           /* k positions sharing one scale and offset (FORMAT_I8_BLOCKS) */
 #define ROWS_MAX 14        /* rows per register tile: 2 x 14 accumulators + 2 weight registers <= 32 */
+#define ROWS_MAX_I8 12     /* FORMAT_I8_BLOCKS also holds a block's scales and offsets: 4 registers */
 #define PREFETCH_BYTES 8192
 
+/* rows x 32 outputs of one panel: for each k, the panel's 32 weights are loaded (widened to float32 for
+ * compact formats, in registers) and multiplied into every row's accumulators. Inlined with constant
+ * format and rows, so the accumulators live in registers. */
 __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
-    const float *x, int k_dim, const float *panel, float *y, int n, int n0, const float *bias, int rows) {
+    const float *x, int k_dim, const void *panel, const float *scale, const float *offset, int format,
+    float *y, int n, int n0, const float *bias, int rows) {
     __m512 acc0[ROWS_MAX], acc1[ROWS_MAX];
     int cols = n - n0 < PANEL ? n - n0 : PANEL;
     __mmask16 mask0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
@@ -51,15 +57,41 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
         acc0[r] = _mm512_setzero_ps();
         acc1[r] = _mm512_setzero_ps();
     }
-    for (int k = 0; k < k_dim; k++) {
-        const float *w = panel + (size_t)k * PANEL;
-        _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_T0);
-        _mm_prefetch((const char *)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
-        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-        for (int r = 0; r < rows; r++) {
-            __m512 xv = _mm512_set1_ps(x[(size_t)r * k_dim + k]);
-            acc0[r] = _mm512_fmadd_ps(xv, w0, acc0[r]);
-            acc1[r] = _mm512_fmadd_ps(xv, w1, acc1[r]);
+    for (int k0 = 0; k0 < k_dim; k0 += BLOCK) {
+        int k_end = k0 + BLOCK < k_dim ? k0 + BLOCK : k_dim;
+        __m512 d0 = _mm512_setzero_ps(), d1 = d0, m0 = d0, m1 = d0;
+        if (format == FORMAT_I8_BLOCKS) {
+            const float *d = scale + (size_t)(k0 / BLOCK) * PANEL, *m = offset + (size_t)(k0 / BLOCK) * PANEL;
+            d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
+            m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16);
+        }
+        for (int k = k0; k < k_end; k++) {
+            __m512 w0, w1;
+            if (format == FORMAT_F32) {
+                const float *w = (const float *)panel + (size_t)k * PANEL;
+                _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
+                w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+            } else if (format == FORMAT_BF16) {
+                const uint16_t *w = (const uint16_t *)panel + (size_t)k * PANEL;
+                _mm_prefetch((const char *)w + PREFETCH_BYTES / 2, _MM_HINT_T0);
+                w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+                w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 16))), 16));
+            } else {
+                const int8_t *q = (const int8_t *)panel + (size_t)k * PANEL;
+                _mm_prefetch((const char *)q + PREFETCH_BYTES / 4, _MM_HINT_T0);
+                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+                w0 = _mm512_add_ps(_mm512_mul_ps(q0, d0), m0);  /* (d * q) + m: never fused (-ffp-contract=off) */
+                w1 = _mm512_add_ps(_mm512_mul_ps(q1, d1), m1);
+            }
+            for (int r = 0; r < rows; r++) {
+                __m512 xv = _mm512_set1_ps(x[(size_t)r * k_dim + k]);
+                acc0[r] = _mm512_fmadd_ps(xv, w0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(xv, w1, acc1[r]);
+            }
         }
     }
     __m512 b0 = bias ? _mm512_maskz_loadu_ps(mask0, bias + n0) : _mm512_setzero_ps();
@@ -70,32 +102,33 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     }
 }
 
-__attribute__((target("avx512f"))) static void widen_bf16_panel(const uint16_t *src, int k_dim, float *dst) {
-    for (size_t i = 0; i < (size_t)k_dim * PANEL; i += 16) {
-        _mm_prefetch((const char *)(src + i) + PREFETCH_BYTES, _MM_HINT_T0);
-        __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
-    }
-}
-
-__attribute__((target("avx512f"))) static void widen_i8_panel(
-    const int8_t *src, const float *scale, const float *offset, int k_dim, float *dst) {
-    for (int kb = 0; kb < k_dim / BLOCK; kb++) {
-        const float *d = scale + (size_t)kb * PANEL, *m = offset + (size_t)kb * PANEL;
-        __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
-        __m512 m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16);
-        for (int k = kb * BLOCK; k < (kb + 1) * BLOCK; k++) {
-            const int8_t *q = src + (size_t)k * PANEL;
-            _mm_prefetch((const char *)q + PREFETCH_BYTES / 4, _MM_HINT_T0);
+/* Widening a whole panel to float32, for calls with more rows than one tile holds: every tile then reads the
+ * widened panel from cache instead of widening it again. The same values as tile()'s in-register widening,
+ * so the products are the same whichever path a row takes. */
+__attribute__((target("avx512f"))) static void widen_panel(
+    const void *panel, const float *scale, const float *offset, int format, int k_dim, float *out) {
+    for (int k = 0; k < k_dim; k++) {
+        __m512 w0, w1;
+        if (format == FORMAT_BF16) {
+            const uint16_t *w = (const uint16_t *)panel + (size_t)k * PANEL;
+            w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+            w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 16))), 16));
+        } else {
+            const int8_t *q = (const int8_t *)panel + (size_t)k * PANEL;
+            const float *d = scale + (size_t)(k / BLOCK) * PANEL, *m = offset + (size_t)(k / BLOCK) * PANEL;
             __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
             __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-            _mm512_storeu_ps(dst + (size_t)k * PANEL, _mm512_add_ps(_mm512_mul_ps(q0, d0), m0));
-            _mm512_storeu_ps(dst + (size_t)k * PANEL + 16, _mm512_add_ps(_mm512_mul_ps(q1, d1), m1));
+            w0 = _mm512_add_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(d)), _mm512_loadu_ps(m));
+            w1 = _mm512_add_ps(_mm512_mul_ps(q1, _mm512_loadu_ps(d + 16)), _mm512_loadu_ps(m + 16));
         }
+        _mm512_storeu_ps(out + (size_t)k * PANEL, w0);
+        _mm512_storeu_ps(out + (size_t)k * PANEL + 16, w1);
     }
 }
 
-/* One float32 scratch panel per thread (callers may run concurrently with the GIL released). */
+/* One float32 panel of scratch per thread (callers run concurrently with the GIL released). */
 static __thread float *scratch;
 static __thread size_t scratch_floats;
 
@@ -108,41 +141,58 @@ static float *scratch_panel(size_t floats) {
     return scratch;
 }
 
-/* The row count as a compile-time constant in each case, so the tile's accumulators live in registers. */
 #define TILE_CASE(R) \
-    case R: tile(x + (size_t)r0 * k_dim, k_dim, panel, y + (size_t)r0 * n, n, n0, bias, R); break;
+    case R: tile(x + (size_t)r0 * k_dim, k_dim, panel, scale, offset, format, y + (size_t)r0 * n, n, n0, bias, R); \
+        break;
 
-/* Returns 0, or -1 when the scratch panel cannot be allocated. */
+/* All rows against one panel. More rows than a tile holds: tiles of equal height (16 = 8 + 8, not 14 + 2,
+ * whose 2-row tile would leave the FMA units waiting), each re-reading the panel from cache. */
+__attribute__((target("avx512f,fma"), always_inline)) static inline void panel_rows(
+    const float *x, int rows, int k_dim, const void *panel, const float *scale, const float *offset, int format,
+    float *y, int n, int n0, const float *bias) {
+    int rows_max = format == FORMAT_F32 ? ROWS_MAX : ROWS_MAX_I8;
+    int tiles = (rows + rows_max - 1) / rows_max;
+    for (int t = 0, r0 = 0; t < tiles; t++) {
+        int height = (rows - r0) / (tiles - t);
+        switch (height) {
+            TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7)
+            TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14)
+        }
+        r0 += height;
+    }
+}
+
+/* Returns 0, or -1 when a scratch panel cannot be allocated. */
 __attribute__((target("avx512f,fma"))) static int gemm_avx512(
     const float *x, int rows, int k_dim, const void *weights, int format, const float *scales,
     const float *offsets, int n, float *y, const float *bias) {
     int panels = (n + PANEL - 1) / PANEL;
-    size_t panel_size = (size_t)k_dim * PANEL;
-    float *widened = format == FORMAT_F32 ? NULL : scratch_panel(panel_size);
-    if (format != FORMAT_F32 && !widened)
+    size_t panel_size = (size_t)k_dim * PANEL, blocks_size = (size_t)(k_dim / BLOCK) * PANEL;
+    float *widened = NULL;
+    if (format != FORMAT_F32 && rows > ROWS_MAX_I8 && !(widened = scratch_panel(panel_size)))
         return -1;
     for (int p = 0; p < panels; p++) {
-        const float *panel = widened;
-        if (format == FORMAT_F32) {
-            panel = (const float *)weights + p * panel_size;
-        } else if (format == FORMAT_BF16) {
-            widen_bf16_panel((const uint16_t *)weights + p * panel_size, k_dim, widened);
-        } else {
-            size_t per_panel = (size_t)(k_dim / BLOCK) * PANEL;
-            widen_i8_panel((const int8_t *)weights + p * panel_size, scales + p * per_panel,
-                           offsets + p * per_panel, k_dim, widened);
-        }
         int n0 = p * PANEL;
-        /* More rows than ROWS_MAX: tiles of equal height (16 = 8 + 8, not 14 + 2, whose 2-row tile would
-         * leave the FMA units waiting), each re-reading this panel from cache, not from memory. */
-        int tiles = (rows + ROWS_MAX - 1) / ROWS_MAX;
-        for (int t = 0, r0 = 0; t < tiles; t++) {
-            int height = (rows - r0) / (tiles - t);
-            switch (height) {
-                TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7)
-                TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12) TILE_CASE(13) TILE_CASE(14)
-            }
-            r0 += height;
+        if (widened) {
+            if (format == FORMAT_BF16)
+                widen_panel((const uint16_t *)weights + p * panel_size, NULL, NULL, format, k_dim, widened);
+            else
+                widen_panel((const int8_t *)weights + p * panel_size, scales + p * blocks_size,
+                            offsets + p * blocks_size, format, k_dim, widened);
+            panel_rows(x, rows, k_dim, widened, NULL, NULL, FORMAT_F32, y, n, n0, bias);
+            continue;
+        }
+        switch (format) {
+        case FORMAT_F32:
+            panel_rows(x, rows, k_dim, (const float *)weights + p * panel_size, NULL, NULL, FORMAT_F32, y, n, n0, bias);
+            break;
+        case FORMAT_BF16:
+            panel_rows(x, rows, k_dim, (const uint16_t *)weights + p * panel_size, NULL, NULL, FORMAT_BF16, y, n, n0,
+                       bias);
+            break;
+        default:
+            panel_rows(x, rows, k_dim, (const int8_t *)weights + p * panel_size, scales + p * blocks_size,
+                       offsets + p * blocks_size, FORMAT_I8_BLOCKS, y, n, n0, bias);
         }
     }
     return 0;

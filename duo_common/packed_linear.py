@@ -60,6 +60,18 @@ class PackedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.offsets) if t is not None)
 
+    def widened(self, rows: int) -> torch.Tensor:
+        """The weight [rows, K] in float32, bit for bit the one that was packed."""
+        panels, k, _ = self.data.shape
+        if self.format == FORMAT_F32:
+            full = self.data
+        elif self.format == FORMAT_BF16:
+            full = self.data.view(torch.bfloat16).float()
+        else:  # (scale * q) + offset, as the packer checked and the kernel computes
+            q = self.data.float().view(panels, k // BLOCK, BLOCK, PANEL)
+            full = (q * self.scales[:, :, None, :] + self.offsets[:, :, None, :]).view(panels, k, PANEL)
+        return full.transpose(1, 2).reshape(panels * PANEL, k)[:rows]
+
 
 def to_panels(matrix: torch.Tensor) -> torch.Tensor:
     """[N, C] → [ceil(N / 32), C, 32], zero padded: panel p holds rows 32p .. 32p + 31 of ``matrix``."""
@@ -136,8 +148,8 @@ class PackedLinear(nn.Module):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             raise TypeError(f"PackedLinear takes float32 CPU inputs, not {x.dtype} on {x.device}")
         rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         packed = self.weight_format
+        out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         if rows.shape[0]:
             _packed_gemm.gemm(
                 rows.data_ptr(), rows.shape[0], self.in_features, packed.data.data_ptr(), packed.format,

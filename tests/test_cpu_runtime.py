@@ -42,7 +42,7 @@ def test_kernel_is_built_where_it_can_run():
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 13, 14, 15, 16, 29, 40])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 13, 14, 15, 16, 29, 40, 100])
 @pytest.mark.parametrize("out_features,in_features", [(1, 5), (31, 17), (32, 64), (33, 64), (100, 576)])
 def test_packed_linear_matches_torch(rows, out_features, in_features, bias):
     torch.manual_seed(rows * 1000 + out_features)
@@ -54,11 +54,24 @@ def test_packed_linear_matches_torch(rows, out_features, in_features, bias):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "bf16", "float32"])
+def test_a_packed_weight_widens_back_to_the_same_bits(kind):
+    weights = {"q4_1": gguf_like_blocks("q4_1", 70, 96), "bf16": torch.randn(70, 96).bfloat16().float(),
+               "float32": torch.randn(70, 96)}
+    assert torch.equal(pack_weight(weights[kind]).widened(70), weights[kind])
+
+
 @needs_kernel
-def test_packed_linear_is_batch_invariant():
-    """Each row's result is bit-identical whether it is computed alone or with others, wherever it sits."""
+@pytest.mark.parametrize("kind", ["float32", "q4_1"])
+def test_packed_linear_is_batch_invariant(kind):
+    """Each row's result is bit-identical whether it is computed alone or with others, wherever it sits
+    (also across the switch from widening in registers, up to 12 rows, to a widened panel beyond)."""
     torch.manual_seed(0)
-    packed = PackedLinear(torch.nn.Linear(576, 1000))
+    linear = torch.nn.Linear(576, 1000)
+    if kind == "q4_1":
+        linear.weight.data = gguf_like_blocks("q4_1", 1000, 576)
+    packed = PackedLinear(linear)
+    assert packed.weight_format.format == (FORMAT_F32 if kind == "float32" else FORMAT_I8_BLOCKS)
     x = torch.randn(40, 576)
     together = packed(x)
     for row in (0, 5, 13, 14, 15, 39):
@@ -111,7 +124,7 @@ def test_other_weights_keep_an_exact_wider_format():
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, 16, 33])
+@pytest.mark.parametrize("rows", [1, 3, 12, 13, 16, 25, 33])
 def test_compressed_formats_multiply_bit_for_bit_like_float32(kind, rows):
     """The same weights stored compactly give exactly the float32 layout's products: only bytes change."""
     weight = torch.randn(70, 96).bfloat16().float() if kind == "bf16" else gguf_like_blocks(kind, 70, 96)
