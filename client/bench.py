@@ -30,7 +30,8 @@ from duo_common.params import StoppingParams
 HF_GENERATE = ("hf-generate", "hf-generate-bf16")  # the speed base: the faster of these
 OTHER_NUMERICS = ("hf-generate-bf16",)  # not held to the reference's tokens
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
-ALL_SYSTEMS = ("hf-generate", "hf-generate-bf16", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential", "duo-auto")
+ALL_SYSTEMS = ("hf-generate", "hf-generate-bf16", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential",
+               "duo-auto")
 
 
 @dataclass

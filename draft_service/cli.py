@@ -65,8 +65,8 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
-def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s, verify_wait_s,
-          max_new_tokens_limit, max_prompt_tokens,
+def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s,
+          verify_wait_s, max_new_tokens_limit, max_prompt_tokens,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""

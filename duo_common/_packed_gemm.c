@@ -52,7 +52,8 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     __m512 acc0[ROWS_MAX], acc1[ROWS_MAX];
     int cols = n - n0 < PANEL ? n - n0 : PANEL;
     __mmask16 mask0 = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
-    __mmask16 mask1 = cols <= 16 ? (__mmask16)0 : (cols >= 32 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - 16)) - 1u));
+    __mmask16 mask1 = cols <= 16 ? (__mmask16)0
+                      : (cols >= 32 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - 16)) - 1u));
     for (int r = 0; r < rows; r++) {
         acc0[r] = _mm512_setzero_ps();
         acc1[r] = _mm512_setzero_ps();

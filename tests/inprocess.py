@@ -75,5 +75,6 @@ def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterCon
 @contextlib.contextmanager
 def running_pair(target_dir, draft_dir, cpu_kernels: str = DEFAULT_KERNELS, **draft_kwargs) -> Iterator[RunningPair]:
     with verify_server(target_dir, cpu_kernels=cpu_kernels) as (verify_addr, verify_sessions), \
-            draft_server(draft_dir, verify_addr, cpu_kernels=cpu_kernels, **draft_kwargs) as (draft_addr, draft_sessions):
+            draft_server(draft_dir, verify_addr, cpu_kernels=cpu_kernels,
+                         **draft_kwargs) as (draft_addr, draft_sessions):
         yield RunningPair(verify_addr, draft_addr, verify_sessions, draft_sessions)
