@@ -2,26 +2,25 @@
 
 ``--cpu-kernels`` (both services) chooses:
   torch   transformers' model as loaded: torch's matrix kernels and SDPA attention.
-  packed  every float32 linear layer through duo's packed few-row kernel (``packed_linear``), and attention
-          that takes grouped-query heads without copying the cache for each query head. A forward pass over
-          8-16 tokens then costs little more than over one (``benchmarks/forward_cost.py`` measures it).
+  packed  every float32 linear layer through duo's packed few-row kernel (``packed_linear``: each weight
+          in its smallest exact storage, streamed once per pass), and attention that takes grouped-query
+          heads without copying the cache for each query head. A forward pass over 8 tokens then costs
+          little more than over one (``benchmarks/forward_cost.py`` measures it).
   auto    packed where it applies (CPU device, float32 weights, the kernel built and the CPU able to run it,
           one torch thread: the kernel is single-threaded), else torch.
-Neither choice changes the model's parameters or dtype; results differ from torch's kernels only in the
-order of floating-point sums (``tests/test_cpu_runtime.py`` checks logits and greedy outputs).
+Neither choice changes the model's weights (packed layers hold the same values bit for bit) or its dtype;
+results differ from torch's kernels only in the order of floating-point sums (``tests/test_cpu_runtime.py``
+checks logits and greedy outputs).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from duo_common.default_models import ModelNotAvailableError
 from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers
-
-log = logging.getLogger(__name__)
 
 KERNEL_CHOICES = ("auto", "packed", "torch")
 KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "

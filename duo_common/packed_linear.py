@@ -82,6 +82,11 @@ def to_panels(matrix: torch.Tensor) -> torch.Tensor:
     return padded.view(panels, PANEL, columns).transpose(1, 2).contiguous()
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise: the same float32 bits (so -0.0 is not 0.0 and a NaN is never rebuilt)."""
+    return a.contiguous().view(torch.int32) == b.contiguous().view(torch.int32)
+
+
 def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(q int8 [N, K], scale, offset [N, K / 32] float32) with weight == scale * q + offset bit for bit in
     every block of 32 consecutive inputs, or None when some block is not of that form.
@@ -106,7 +111,8 @@ def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         safe = torch.where(candidate_scale == 0, torch.ones_like(candidate_scale), candidate_scale)
         levels = torch.round((blocks - candidate_offset) / safe).clamp(-128, 127)
         levels = torch.where(candidate_scale == 0, torch.zeros_like(levels), levels)
-        exact = ((candidate_scale * levels + candidate_offset) == blocks).all(-1, keepdim=True) & ~found
+        rebuilt = candidate_scale * levels + candidate_offset
+        exact = _same_bits(rebuilt, blocks).all(-1, keepdim=True) & ~found
         q = torch.where(exact, levels.to(torch.int8), q)
         scale = torch.where(exact, candidate_scale, scale)
         offset = torch.where(exact, candidate_offset, offset)
@@ -124,7 +130,7 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
         q, scale, offset = blocks
         return PackedWeight(FORMAT_I8_BLOCKS, to_panels(q), to_panels(scale), to_panels(offset))
     as_bf16 = weight.to(torch.bfloat16)
-    if torch.equal(as_bf16.float(), weight):
+    if bool(_same_bits(as_bf16.float(), weight).all()):
         return PackedWeight(FORMAT_BF16, to_panels(as_bf16.view(torch.int16)))
     return PackedWeight(FORMAT_F32, to_panels(weight))
 

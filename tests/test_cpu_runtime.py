@@ -118,6 +118,9 @@ def test_other_weights_keep_an_exact_wider_format():
     almost = gguf_like_blocks("q4_1", 40, 96)
     almost[7, 50] = torch.nextafter(almost[7, 50], torch.tensor(1.0))  # one weight one ulp off the grid
     assert exact_int8_blocks(almost) is None
+    signed_zero = gguf_like_blocks("q8_0", 40, 96)
+    signed_zero[2, 5] = -0.0  # equal to 0.0, but not the same bits as the 0 * scale a block would rebuild
+    assert exact_int8_blocks(signed_zero) is None
     assert pack_weight(torch.randn(40, 96).bfloat16().float()).format == FORMAT_BF16
     assert pack_weight(torch.randn(40, 95)).format == FORMAT_F32  # inputs not a multiple of 32
 
