@@ -129,7 +129,8 @@ __attribute__((target("avx512f"))) static void widen_panel(
     }
 }
 
-/* One float32 panel of scratch per thread (callers run concurrently with the GIL released). */
+/* One float32 panel of scratch per thread (callers run concurrently with the GIL released), kept for the
+ * thread's life: K x 128 bytes for the largest K it has seen. */
 static __thread float *scratch;
 static __thread size_t scratch_floats;
 
