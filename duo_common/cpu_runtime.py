@@ -4,8 +4,9 @@
   torch   transformers' model as loaded: torch's matrix kernels and SDPA attention.
   packed  every float32 linear layer through duo's packed few-row kernel (``packed_linear``: each weight
           in its smallest exact storage, streamed once per pass), and attention that takes grouped-query
-          heads without copying the cache for each query head. A forward pass over 8 tokens then costs
-          little more than over one (``benchmarks/forward_cost.py`` measures it).
+          heads without copying the cache for each query head; Llama models also get a leaner forward
+          pass (``lean_llama``: fused projections, less of transformers' machinery, the same logits). A
+          forward pass over 8 tokens then costs little more than over one (``benchmarks/forward_cost.py``).
   auto    packed where it applies (CPU device, float32 weights, the kernel built and the CPU able to run it,
           one torch thread: the kernel is single-threaded), else torch.
 Neither choice changes the model's weights (packed layers hold the same values bit for bit) or its dtype;
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from duo_common.default_models import ModelNotAvailableError
+from duo_common.lean_llama import install_lean_forward, supports_lean_forward
 from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers
 
 KERNEL_CHOICES = ("auto", "packed", "torch")
@@ -40,6 +42,7 @@ class CpuRuntime:
     kernels: str  # "packed" or "torch": what actually runs
     packed_formats: tuple[tuple[str, int], ...] = ()  # (weight storage format, linear layers stored so)
     reason: str = ""  # why ``auto`` chose torch
+    lean_forward: bool = False  # a Llama model runs duo's lean forward pass (``lean_llama``)
 
     @property
     def packed_layers(self) -> int:
@@ -48,7 +51,8 @@ class CpuRuntime:
     def describe(self) -> str:
         if self.kernels == "packed":
             formats = ", ".join(f"{count} {name}" for name, count in self.packed_formats)
-            return f"packed kernels (linear layers: {formats or 'none'}), grouped-query attention"
+            forward = ", lean Llama forward" if self.lean_forward else ""
+            return f"packed kernels (products: {formats or 'none'}), grouped-query attention{forward}"
         return "torch kernels" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -63,6 +67,9 @@ def apply_cpu_runtime(model: torch.nn.Module, choice: str) -> CpuRuntime:
         if choice == "packed":
             raise RuntimeUnavailableError(f"--cpu-kernels packed cannot run here: {reason}")
         return CpuRuntime("torch", reason=reason)
+    if supports_lean_forward(model):
+        formats = install_lean_forward(model, grouped_query_attention)
+        return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())), lean_forward=True)
     _use_grouped_query_attention(model)
     formats = pack_linear_layers(model)
     return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())))

@@ -171,13 +171,46 @@ def test_packed_runtime_computes_the_same_model():
     reference = build_model("llama")
     packed = build_model("llama")
     runtime = apply_cpu_runtime(packed, "packed")
-    assert runtime.kernels == "packed" and runtime.packed_layers == 2 * 7 + 1
+    assert runtime.kernels == "packed" and runtime.lean_forward
+    assert runtime.packed_layers == 2 * 4 + 1  # per layer: q|k|v, o, gate|up, down; and the output layer
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
     ids = torch.tensor([[1, 5, 9, 20, 33, 41, 7, 8]])
     with torch.inference_mode():
         torch.testing.assert_close(packed(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     prompt = [1, 5, 9, 20]
     assert greedy(packed, prompt, 40, new_cache) == greedy(reference, prompt, 40, lambda c: DynamicCache(config=c))
+
+
+@needs_kernel
+def test_lean_forward_gives_the_packed_modules_logits_bit_for_bit():
+    """Fused projections and the plain layer loop change nothing: chains, trees (4D mask and positions),
+    the last position only, and a call without a cache all equal transformers' modules on packed layers."""
+    from duo_common.cpu_runtime import _use_grouped_query_attention
+    from duo_common.packed_linear import pack_linear_layers
+    from duo_common.tree import TokenTree
+    from duo_common.tree_attention import tree_attention_inputs
+
+    modules = build_model("llama")
+    _use_grouped_query_attention(modules)
+    pack_linear_layers(modules)
+    lean = build_model("llama")
+    assert apply_cpu_runtime(lean, "packed").lean_forward
+    prompt, chain = torch.tensor([[1, 5, 9, 20, 33, 41]]), torch.tensor([[7, 8, 9]])
+    tree = TokenTree((11, 12, 13, 14), (-1, -1, 0, 0))
+    tree_kwargs = tree_attention_inputs(tree, prompt.shape[1], torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        assert torch.equal(lean(input_ids=prompt).logits, modules(input_ids=prompt).logits)
+        outputs = []
+        for model in (modules, lean):
+            cache = new_cache(model.config)
+            prefill = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            chained = model(input_ids=chain, past_key_values=cache, use_cache=True).logits
+            truncate_cache(cache, prompt.shape[1])
+            tree_logits = model(input_ids=torch.tensor([[7, 11, 12, 13, 14]]), past_key_values=cache, use_cache=True,
+                                **tree_kwargs).logits
+            outputs.append((prefill, chained, tree_logits))
+    for reference, got in zip(*outputs):
+        assert torch.equal(reference, got)
 
 
 def test_runtime_choice_is_explicit():
