@@ -230,8 +230,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
     meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
             "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
             "hf_threads": hf_threads, "cpu_kernels": cpu_kernels, "fixed_budget": fixed_budget,
-            "max_branches": max_branches,
-            "draft_addr": draft_addr}
+            "max_branches": max_branches, "draft_addr": draft_addr}
     if json_out:
         bench.write_json(json_out, summaries, meta)
     if chart:
