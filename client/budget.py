@@ -21,6 +21,12 @@ token are accepted — then the next proposal was drafted during verification an
 slower of the two sides (drafting and verification overlap, DuoDecoding's T_draft ≈ RTT + T_verify
 balance); otherwise the drafter starts over after the verdict. Pure: numbers in, a budget out.
 
+A drafter that reports which part of its drafting was done ahead, behind verification (RoundTimings.
+draft_ahead_s), lets the controller measure instead of model that: a round then costs the drafting that
+delayed the proposal, measured per proposal size (drafting ahead stops when the verdict arrives), plus
+RTT + T_verify(k). Drafting ahead keeps part of the next tree, so this delay grows more slowly with k than
+the whole proposal's drafting, and larger budgets pay sooner than the hit/miss model says.
+
 Acceptance is measured per depth because it is not the same at every depth: a distilled draft's agreement
 comes in runs (easy stretches of text, where it keeps agreeing, and hard ones, where it misses at once), so
 a_1 is low and the later a_d are high. One pooled rate would make long proposals look worse than they are.
@@ -42,24 +48,16 @@ class BudgetModel:
     network_s: float
     acceptance: tuple[float, ...]  # a_1, a_2, ...: acceptance at each depth; deeper depths repeat the last
     depth_points: tuple[tuple[int, float], ...] = ()  # (proposal size, mean tree depth); none: chains
+    # (proposal size, drafting that delayed sending the proposal): none when the drafter does not report
+    # what it drafted ahead; then a round is modelled from the draft's cost per token and the hit rate
+    delay_points: tuple[tuple[int, float], ...] = ()
 
     def verify_s(self, nodes: int) -> float:
         """Verifier compute for a proposal of ``nodes``: measured, else linearly inter-/extrapolated.
 
         Measured, not assumed linear: on a CPU the cost of a forward jumps from 1 to 2 tokens and then
         flattens (matrix kernels change with the row count)."""
-        points = self.verify_points
-        if not points:
-            return 0.0
-        for size, seconds in points:
-            if size == nodes:
-                return seconds
-        if len(points) == 1:
-            return points[0][1]
-        below = [p for p in points if p[0] < nodes]
-        above = [p for p in points if p[0] > nodes]
-        (x0, y0), (x1, y1) = (below[-1], above[0]) if below and above else (points[-2:] if below else points[:2])
-        return max(0.0, y0 + (y1 - y0) * (nodes - x0) / (x1 - x0))
+        return _interpolated(self.verify_points, nodes)
 
     def acceptance_at(self, depth: int) -> float:
         """a_depth (depth >= 1), clamped to [0, 1]."""
@@ -89,8 +87,10 @@ class BudgetModel:
         return committed + (depth - whole) * self.all_accepted(whole + 1)
 
     def round_s(self, budget: int) -> float:
-        draft_s = self.draft_s_per_token * budget
         verify_s = self.network_s + self.verify_s(budget)
+        if self.delay_points:  # measured: drafting ahead stops at the verdict, only the delay adds to a round
+            return _interpolated(self.delay_points, budget) + verify_s
+        draft_s = self.draft_s_per_token * budget
         hit = self.all_accepted(round(self.depth(budget)) + 1)
         return hit * max(draft_s, verify_s) + (1 - hit) * (draft_s + verify_s)
 
@@ -99,6 +99,22 @@ class BudgetModel:
 
     def best_budget(self, max_budget: int, min_budget: int = 0) -> int:
         return max(range(min_budget, max_budget + 1), key=lambda k: (self.tokens_per_s(k), -k))
+
+
+def _interpolated(points: tuple[tuple[int, float], ...], size: int) -> float:
+    """The value at ``size`` of (size, value) points sorted by size: measured, else linearly inter- or
+    extrapolated from the nearest two (one point: its value); never negative."""
+    if not points:
+        return 0.0
+    for at, value in points:
+        if at == size:
+            return value
+    if len(points) == 1:
+        return points[0][1]
+    below = [p for p in points if p[0] < size]
+    above = [p for p in points if p[0] > size]
+    (x0, y0), (x1, y1) = (below[-1], above[0]) if below and above else (points[-2:] if below else points[:2])
+    return max(0.0, y0 + (y1 - y0) * (size - x0) / (x1 - x0))
 
 
 class _Ewma:
@@ -172,6 +188,8 @@ class AdaptiveBudget:
         self._acceptance = DepthAcceptance(config.prior_acceptance, config.max_budget + 1, config.acceptance_memory)
         self._verify_s: dict[int, _Ewma] = {}  # proposal size → verifier seconds
         self._depth: dict[int, _Ewma] = {}  # proposal size → tree depth (as the drafter reports it)
+        self._delay: dict[int, _Ewma] = {}  # proposal size → drafting that delayed sending it
+        self._drafter_reports_ahead = False  # a drafter that says what it drafted ahead (RoundTimings)
         self._rounds = 0
         self._rounds_since_proposal = 0
         self.budget = config.initial_budget
@@ -210,6 +228,9 @@ class AdaptiveBudget:
         self._acceptance.observe(depth, timings.accepted_size)
         if timings.proposal_size > 0:
             self._depth.setdefault(timings.proposal_size, _Ewma(depth, self.config.smoothing)).update(depth)
+        self._drafter_reports_ahead |= timings.draft_ahead_s > 0
+        delay = max(0.0, timings.draft_compute_s - timings.draft_ahead_s)
+        self._delay.setdefault(timings.proposal_size, _Ewma(delay, self.config.smoothing)).update(delay)
 
     def model(self) -> BudgetModel:
         return BudgetModel(
@@ -218,4 +239,6 @@ class AdaptiveBudget:
             network_s=self._network_s.value,
             acceptance=self._acceptance.rates(),
             depth_points=tuple(sorted((size, ewma.value) for size, ewma in self._depth.items())),
+            delay_points=tuple(sorted((size, ewma.value) for size, ewma in self._delay.items()))
+            if self._drafter_reports_ahead else (),
         )

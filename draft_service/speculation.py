@@ -101,6 +101,7 @@ class SpeculativeSession:
             draft_before = (drafter.compute_s, drafter.tokens_drafted) if drafter else (0.0, 0)
             tree = self._propose(drafter, committed, room)
             self._link.send(round_number, tree)
+            ahead_from = drafter.compute_s if drafter else 0.0
             if drafter is not None and plan.overlap:
                 self._draft_ahead(drafter, len(tree) + 1 + budget)
             verdict = self._link.wait_verdict()
@@ -112,6 +113,7 @@ class SpeculativeSession:
                 accepted_size=len(verdict.accepted_nodes),
                 draft_tokens=(drafter.tokens_drafted - draft_before[1]) if drafter else 0,
                 proposal_depth=max(tree.depths(), default=0),
+                draft_ahead_s=(drafter.compute_s - ahead_from) if drafter else 0.0,
             )
             self._account(timings)
             new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]

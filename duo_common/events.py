@@ -17,6 +17,7 @@ class RoundTimings:
     accepted_size: int
     draft_tokens: int = 0  # draft forward steps behind draft_compute_s (the proposal and drafting ahead)
     proposal_depth: int = 0  # longest path of the proposed tree (= proposal_size for a chain); 0: unknown
+    draft_ahead_s: float = 0.0  # of draft_compute_s, drafted ahead behind verification (0: none or not said)
 
 
 @dataclass(frozen=True)

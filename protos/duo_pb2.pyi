@@ -83,7 +83,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., tree_attention: _Optional[bool] = ...) -> None: ...
 
 class RoundTimings(_message.Message):
-    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens", "proposal_depth")
+    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens", "proposal_depth", "draft_ahead_s")
     DRAFT_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class RoundTimings(_message.Message):
     ACCEPTED_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_AHEAD_S_FIELD_NUMBER: _ClassVar[int]
     draft_compute_s: float
     verify_compute_s: float
     verify_round_trip_s: float
@@ -98,7 +99,8 @@ class RoundTimings(_message.Message):
     accepted_size: int
     draft_tokens: int
     proposal_depth: int
-    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., proposal_depth: _Optional[int] = ...) -> None: ...
+    draft_ahead_s: float
+    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., proposal_depth: _Optional[int] = ..., draft_ahead_s: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "proposal")

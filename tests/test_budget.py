@@ -144,6 +144,26 @@ def test_controller_learns_that_acceptance_comes_in_runs_and_proposes_nearly_the
     assert truth.tokens_per_s(controller.budget) > truth.tokens_per_s(pooled_choice)
 
 
+def test_drafting_hidden_behind_verification_lets_larger_budgets_pay():
+    """The same rounds, once from a drafter that says most of its drafting was done ahead (behind the
+    verifier) and once from one that does not: the first controller proposes more."""
+    def run(reports_ahead: bool) -> int:
+        controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=12, min_budget=1, probe_every=4))
+        for _ in range(120):
+            budget = controller.budget
+            draft_s = 0.006 * (budget + 6)  # the proposal and drafting ahead for the next round
+            delay_s = 0.004 + 0.001 * budget  # what the verdict left to draft before sending
+            controller.after_round(RoundTimings(draft_s, 0.030 + 0.002 * budget, 0.032 + 0.002 * budget, budget,
+                                                min(budget, 3), budget + 6, budget,
+                                                draft_ahead_s=draft_s - delay_s if reports_ahead else 0.0))
+        return controller.budget
+
+    told, not_told = run(True), run(False)
+    assert told > not_told
+    estimates = AdaptiveBudget().model()
+    assert estimates.delay_points == ()  # nothing reported yet: the hit/miss model
+
+
 def test_controller_turns_speculation_off_and_keeps_probing():
     controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=8, probe_every=5))
     cost = {0: 0.054, 1: 0.088}
