@@ -40,8 +40,45 @@ enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8_BLOCKS = 2 };
 #define PANEL 32           /* output columns per panel: two 16-float registers */
 #define BLOCK 32           /* k positions sharing one scale and offset (FORMAT_I8_BLOCKS) */
 #define ROWS_MAX 14        /* rows per register tile: 2 x 14 accumulators + 2 weight registers <= 32 */
-#define ROWS_MAX_I8 12     /* FORMAT_I8_BLOCKS also holds a block's scales and offsets: 4 registers */
+#define ROWS_MAX_I8 12     /* compact formats: tiles also hold a block's scales and offsets (4 registers) */
 #define PREFETCH_BYTES 8192
+
+/* Row k of a panel as float32 (w0: columns 0-15, w1: 16-31); d0, d1, m0, m1 hold the scales and offsets
+ * of k's block (FORMAT_I8_BLOCKS). The one definition of the widening, for tile() and widen_panel() alike,
+ * so a row's products are the same whichever path it takes. */
+__attribute__((target("avx512f"), always_inline)) static inline void panel_row(
+    const void *panel, int format, int k, __m512 d0, __m512 d1, __m512 m0, __m512 m1, __m512 *w0, __m512 *w1) {
+    if (format == FORMAT_F32) {
+        const float *w = (const float *)panel + (size_t)k * PANEL;
+        _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        *w0 = _mm512_loadu_ps(w), *w1 = _mm512_loadu_ps(w + 16);
+    } else if (format == FORMAT_BF16) {
+        const uint16_t *w = (const uint16_t *)panel + (size_t)k * PANEL;
+        _mm_prefetch((const char *)w + PREFETCH_BYTES / 2, _MM_HINT_T0);
+        *w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+        *w1 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 16))), 16));
+    } else {
+        const int8_t *q = (const int8_t *)panel + (size_t)k * PANEL;
+        _mm_prefetch((const char *)q + PREFETCH_BYTES / 4, _MM_HINT_T0);
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+        *w0 = _mm512_add_ps(_mm512_mul_ps(q0, d0), m0);  /* (d * q) + m: never fused (-ffp-contract=off) */
+        *w1 = _mm512_add_ps(_mm512_mul_ps(q1, d1), m1);
+    }
+}
+
+/* The scales and offsets of the block starting at k0 (FORMAT_I8_BLOCKS; zeros otherwise). */
+__attribute__((target("avx512f"), always_inline)) static inline void block_scales(
+    const float *scale, const float *offset, int format, int k0, __m512 *d0, __m512 *d1, __m512 *m0, __m512 *m1) {
+    *d0 = *d1 = *m0 = *m1 = _mm512_setzero_ps();
+    if (format == FORMAT_I8_BLOCKS) {
+        const float *d = scale + (size_t)(k0 / BLOCK) * PANEL, *m = offset + (size_t)(k0 / BLOCK) * PANEL;
+        *d0 = _mm512_loadu_ps(d), *d1 = _mm512_loadu_ps(d + 16);
+        *m0 = _mm512_loadu_ps(m), *m1 = _mm512_loadu_ps(m + 16);
+    }
+}
 
 /* rows x 32 outputs of one panel: for each k, the panel's 32 weights are loaded (widened to float32 for
  * compact formats, in registers) and multiplied into every row's accumulators. Inlined with constant
@@ -60,34 +97,10 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
     }
     for (int k0 = 0; k0 < k_dim; k0 += BLOCK) {
         int k_end = k0 + BLOCK < k_dim ? k0 + BLOCK : k_dim;
-        __m512 d0 = _mm512_setzero_ps(), d1 = d0, m0 = d0, m1 = d0;
-        if (format == FORMAT_I8_BLOCKS) {
-            const float *d = scale + (size_t)(k0 / BLOCK) * PANEL, *m = offset + (size_t)(k0 / BLOCK) * PANEL;
-            d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
-            m0 = _mm512_loadu_ps(m), m1 = _mm512_loadu_ps(m + 16);
-        }
+        __m512 d0, d1, m0, m1, w0, w1;
+        block_scales(scale, offset, format, k0, &d0, &d1, &m0, &m1);
         for (int k = k0; k < k_end; k++) {
-            __m512 w0, w1;
-            if (format == FORMAT_F32) {
-                const float *w = (const float *)panel + (size_t)k * PANEL;
-                _mm_prefetch((const char *)w + PREFETCH_BYTES, _MM_HINT_T0);
-                _mm_prefetch((const char *)w + PREFETCH_BYTES + 64, _MM_HINT_T0);
-                w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
-            } else if (format == FORMAT_BF16) {
-                const uint16_t *w = (const uint16_t *)panel + (size_t)k * PANEL;
-                _mm_prefetch((const char *)w + PREFETCH_BYTES / 2, _MM_HINT_T0);
-                w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
-                w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 16))), 16));
-            } else {
-                const int8_t *q = (const int8_t *)panel + (size_t)k * PANEL;
-                _mm_prefetch((const char *)q + PREFETCH_BYTES / 4, _MM_HINT_T0);
-                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
-                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-                w0 = _mm512_add_ps(_mm512_mul_ps(q0, d0), m0);  /* (d * q) + m: never fused (-ffp-contract=off) */
-                w1 = _mm512_add_ps(_mm512_mul_ps(q1, d1), m1);
-            }
+            panel_row(panel, format, k, d0, d1, m0, m1, &w0, &w1);
             for (int r = 0; r < rows; r++) {
                 __m512 xv = _mm512_set1_ps(x[(size_t)r * k_dim + k]);
                 acc0[r] = _mm512_fmadd_ps(xv, w0, acc0[r]);
@@ -104,28 +117,18 @@ __attribute__((target("avx512f,fma"), always_inline)) static inline void tile(
 }
 
 /* Widening a whole panel to float32, for calls with more rows than one tile holds: every tile then reads the
- * widened panel from cache instead of widening it again. The same values as tile()'s in-register widening,
- * so the products are the same whichever path a row takes. */
+ * widened panel from cache instead of widening it again (panel_row(), as tile() widens). */
 __attribute__((target("avx512f"))) static void widen_panel(
     const void *panel, const float *scale, const float *offset, int format, int k_dim, float *out) {
-    for (int k = 0; k < k_dim; k++) {
-        __m512 w0, w1;
-        if (format == FORMAT_BF16) {
-            const uint16_t *w = (const uint16_t *)panel + (size_t)k * PANEL;
-            w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
-            w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 16))), 16));
-        } else {
-            const int8_t *q = (const int8_t *)panel + (size_t)k * PANEL;
-            const float *d = scale + (size_t)(k / BLOCK) * PANEL, *m = offset + (size_t)(k / BLOCK) * PANEL;
-            __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
-            __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
-            w0 = _mm512_add_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(d)), _mm512_loadu_ps(m));
-            w1 = _mm512_add_ps(_mm512_mul_ps(q1, _mm512_loadu_ps(d + 16)), _mm512_loadu_ps(m + 16));
+    for (int k0 = 0; k0 < k_dim; k0 += BLOCK) {
+        int k_end = k0 + BLOCK < k_dim ? k0 + BLOCK : k_dim;
+        __m512 d0, d1, m0, m1, w0, w1;
+        block_scales(scale, offset, format, k0, &d0, &d1, &m0, &m1);
+        for (int k = k0; k < k_end; k++) {
+            panel_row(panel, format, k, d0, d1, m0, m1, &w0, &w1);
+            _mm512_storeu_ps(out + (size_t)k * PANEL, w0);
+            _mm512_storeu_ps(out + (size_t)k * PANEL + 16, w1);
         }
-        _mm512_storeu_ps(out + (size_t)k * PANEL, w0);
-        _mm512_storeu_ps(out + (size_t)k * PANEL + 16, w1);
     }
 }
 
