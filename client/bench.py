@@ -161,15 +161,14 @@ def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
     """Aggregate per system. The reference output is the first system's (HF generate when present); the
     speed base is the faster HF ``generate`` (float32 or bfloat16) when one ran, else the first system."""
     reference = {run.prompt_index: run.token_ids for run in runs if run.system == systems[0]}
+    by_system = {system: [run for run in runs if run.system == system] for system in systems}
     rates = {}
-    for system in systems:
-        mine = [run for run in runs if run.system == system]
+    for system, mine in by_system.items():
         total_s = sum(run.total_s for run in mine)
         rates[system] = sum(len(run.token_ids) for run in mine) / total_s if total_s else 0.0
     base_rate = max((rate for system, rate in rates.items() if system in HF_GENERATE), default=rates[systems[0]])
     summaries = []
-    for system in systems:
-        mine = [run for run in runs if run.system == system]
+    for system, mine in by_system.items():
         new_tokens = sum(len(run.token_ids) for run in mine)
         rate = rates[system]
         rounds = sum(run.rounds for run in mine)

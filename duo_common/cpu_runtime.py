@@ -77,9 +77,7 @@ def apply_cpu_runtime(model: torch.nn.Module, choice: str) -> CpuRuntime:
 
 def packed_kernels_will_run(choice: str) -> bool:
     """Whether ``choice`` gives the packed kernels to a float32 CPU model in this process."""
-    if choice == "torch" or kernel_unavailable_reason() is not None:
-        return False
-    return choice == "packed" or torch.get_num_threads() == 1
+    return choice != "torch" and _process_unavailable_reason(strict=choice == "packed") is None
 
 
 def _packed_unavailable_reason(model: torch.nn.Module, strict: bool) -> str | None:
@@ -88,6 +86,11 @@ def _packed_unavailable_reason(model: torch.nn.Module, strict: bool) -> str | No
         return f"the model runs on {parameter.device}"
     if parameter.dtype != torch.float32:
         return f"the model runs in {str(parameter.dtype).removeprefix('torch.')} (the kernel is float32)"
+    return _process_unavailable_reason(strict)
+
+
+def _process_unavailable_reason(strict: bool) -> str | None:
+    """Why this process cannot run the packed kernel (``strict``: asked for explicitly, any thread count)."""
     reason = kernel_unavailable_reason()
     if reason:
         return reason
