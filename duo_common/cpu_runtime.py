@@ -26,7 +26,7 @@ from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_laye
 
 KERNEL_CHOICES = ("auto", "packed", "torch")
 KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "
-                "torch, or auto (packed for a float32 model on one CPU thread where the CPU has AVX-512).")
+                "torch, or auto (packed for a float32 model on one CPU thread where the CPU has AVX-512 or AVX2).")
 ATTENTION_NAME = "duo_grouped_query"
 # Queries up to this many tokens are scored in plain matrix products (grouped_query_attention); longer
 # ones (prefills) by SDPA, which does not materialise the [query, key] score matrix.

@@ -33,12 +33,17 @@ BLOCK = 32  # consecutive inputs sharing one scale and offset in the int8 format
 FORMAT_F32, FORMAT_BF16, FORMAT_I8_BLOCKS = 0, 1, 2  # the kernel's storage formats
 
 
+def instruction_sets() -> list[str]:
+    """The kernel's instruction sets this CPU runs, best first ("avx512", "avx2"); empty where it cannot run."""
+    return [] if _packed_gemm is None else _packed_gemm.instruction_sets()
+
+
 def kernel_unavailable_reason() -> str | None:
     """None when the packed kernel can run here, else why not."""
     if _packed_gemm is None:
         return "duo_common._packed_gemm was not built (no C compiler at install, or not x86-64 Linux)"
-    if not _packed_gemm.avx512_supported():
-        return "this CPU has no AVX-512F"
+    if not instruction_sets():
+        return "this CPU has neither AVX-512F nor AVX2 with FMA"
     return None
 
 
@@ -140,11 +145,18 @@ class PackedLinear(nn.Module):
     smallest exact format (the same weights bit for bit; results differ from torch's only in the order of
     floating-point sums)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, instruction_set: str | None = None):
         super().__init__()
         weight = linear.weight.detach()
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise ValueError(f"PackedLinear takes float32 CPU weights, not {weight.dtype} on {weight.device}")
+        available = instruction_sets()
+        if instruction_set is None and available:
+            instruction_set = available[0]
+        if instruction_set not in available:
+            raise RuntimeError(f"the packed kernel cannot run {instruction_set or 'here'}: "
+                               f"{kernel_unavailable_reason() or f'this CPU runs {available}'}")
+        self.instruction_set = instruction_set
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight_format = pack_weight(weight)
         bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
@@ -158,7 +170,8 @@ class PackedLinear(nn.Module):
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
         if rows.shape[0]:
             _packed_gemm.gemm(
-                rows.data_ptr(), rows.shape[0], self.in_features, packed.data.data_ptr(), packed.format,
+                self.instruction_set, rows.data_ptr(), rows.shape[0], self.in_features, packed.data.data_ptr(),
+                packed.format,
                 0 if packed.scales is None else packed.scales.data_ptr(),
                 0 if packed.offsets is None else packed.offsets.data_ptr(),
                 self.out_features, out.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
@@ -166,7 +179,7 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weights={self.weight_format.format_name}")
+                f"weights={self.weight_format.format_name}, kernel={self.instruction_set}")
 
 
 def pack_linear_layers(model: nn.Module) -> Counter:

@@ -17,7 +17,7 @@ from duo_common.cpu_runtime import (
 from duo_common.kv_cache import GrowableLayer, new_cache
 from duo_common.models import select_cache_positions, truncate_cache
 from duo_common.packed_linear import (
-    FORMAT_BF16, FORMAT_F32, FORMAT_I8_BLOCKS, PackedLinear, PackedWeight, exact_int8_blocks,
+    FORMAT_BF16, FORMAT_F32, FORMAT_I8_BLOCKS, PackedLinear, PackedWeight, exact_int8_blocks, instruction_sets,
     kernel_unavailable_reason, pack_weight, to_panels,
 )
 from tests.tiny_models import build_model
@@ -26,23 +26,50 @@ needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None,
                                   reason=f"packed kernel: {kernel_unavailable_reason()}")
 
 
-def cpu_has_avx512() -> bool:
+def cpu_flags() -> set[str]:
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.exists() and " avx512f" in cpuinfo.read_text()
+    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
+        if cpuinfo.exists() else ""
+    return set(flags.split(":", 1)[-1].split())
 
 
 def test_kernel_is_built_where_it_can_run():
-    """The extension is optional at install; on an x86-64 Linux CPU with AVX-512 it must be there, so the
-    kernel tests below never skip where they should run."""
-    if platform.system() == "Linux" and platform.machine() == "x86_64" and cpu_has_avx512():
-        assert kernel_unavailable_reason() is None
-    else:
-        assert kernel_unavailable_reason() is not None
+    """The extension is optional at install; on an x86-64 Linux CPU with AVX-512 or AVX2 and FMA it must be
+    there and pick the best of them, so the kernel tests below never skip where they should run."""
+    flags = cpu_flags()
+    expected = ([name for name, needs in (("avx512", {"avx512f", "fma"}), ("avx2", {"avx2", "fma"}))
+                 if needs <= flags] if platform.system() == "Linux" and platform.machine() == "x86_64" else [])
+    assert instruction_sets() == expected
+    assert (kernel_unavailable_reason() is None) == bool(expected)
+
+
+@needs_kernel
+def test_an_instruction_set_the_cpu_lacks_is_refused():
+    linear = torch.nn.Linear(32, 8)
+    with pytest.raises(RuntimeError, match="cannot run sse2"):
+        PackedLinear(linear, instruction_set="sse2")
+    assert PackedLinear(linear).instruction_set == instruction_sets()[0]
+
+
+@pytest.mark.skipif(len(instruction_sets()) < 2, reason="needs a CPU with both AVX-512 and AVX2")
+@pytest.mark.parametrize("kind", ["float32", "q4_1", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 13, 20])
+def test_both_instruction_sets_give_the_same_bits(kind, rows):
+    """Each output is the same FMA chain whichever kernel computes it: a model's numbers do not depend on
+    the CPU generation it runs on."""
+    torch.manual_seed(rows)
+    weight = {"float32": torch.randn(70, 96), "q4_1": gguf_like_blocks("q4_1", 70, 96),
+              "bf16": torch.randn(70, 96).bfloat16().float()}[kind]
+    linear = torch.nn.Linear(96, 70)
+    linear.weight.data = weight
+    x = torch.randn(rows, 96)
+    results = [PackedLinear(linear, instruction_set=name)(x) for name in instruction_sets()]
+    assert all(torch.equal(result, results[0]) for result in results[1:])
 
 
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 7, 13, 14, 15, 16, 29, 40, 100])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 6, 7, 13, 14, 15, 16, 29, 40, 100])
 @pytest.mark.parametrize("out_features,in_features", [(1, 5), (31, 17), (32, 64), (33, 64), (100, 576)])
 def test_packed_linear_matches_torch(rows, out_features, in_features, bias):
     torch.manual_seed(rows * 1000 + out_features)
@@ -65,7 +92,8 @@ def test_a_packed_weight_widens_back_to_the_same_bits(kind):
 @pytest.mark.parametrize("kind", ["float32", "q4_1"])
 def test_packed_linear_is_batch_invariant(kind):
     """Each row's result is bit-identical whether it is computed alone or with others, wherever it sits
-    (also across the switch from widening in registers, up to 12 rows, to a widened panel beyond)."""
+    (also across the switch from widening in registers, up to 12 rows with AVX-512 and 6 with AVX2, to a widened
+    panel beyond)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(576, 1000)
     if kind == "q4_1":
@@ -74,7 +102,7 @@ def test_packed_linear_is_batch_invariant(kind):
     assert packed.weight_format.format == (FORMAT_F32 if kind == "float32" else FORMAT_I8_BLOCKS)
     x = torch.randn(40, 576)
     together = packed(x)
-    for row in (0, 5, 13, 14, 15, 39):
+    for row in (0, 5, 6, 7, 13, 14, 15, 39):
         assert torch.equal(packed(x[row:row + 1])[0], together[row])
     assert torch.equal(packed(x[10:30]), together[10:30])
 
@@ -127,7 +155,7 @@ def test_other_weights_keep_an_exact_wider_format():
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, 12, 13, 16, 25, 33])
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, 12, 13, 16, 25, 33])
 def test_compressed_formats_multiply_bit_for_bit_like_float32(kind, rows):
     """The same weights stored compactly give exactly the float32 layout's products: only bytes change."""
     weight = torch.randn(70, 96).bfloat16().float() if kind == "bf16" else gguf_like_blocks(kind, 70, 96)
