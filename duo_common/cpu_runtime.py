@@ -5,13 +5,14 @@
   packed  every float32 linear layer through duo's packed few-row kernel (``packed_linear``: each weight
           in its smallest exact storage, streamed once per pass), and attention that takes grouped-query
           heads without copying the cache for each query head; Llama models also get a leaner forward
-          pass (``lean_llama``: fused projections, less of transformers' machinery, the same logits). A
-          forward pass over 8 tokens then costs little more than over one (``benchmarks/forward_cost.py``).
+          pass (``lean_llama``: fused projections, and the operations between products as C calls,
+          ``decoder_ops``). A forward pass over 8 tokens then costs little more than over one on an
+          AVX-512 CPU (``benchmarks/forward_cost.py``).
   auto    packed where it applies (CPU device, float32 weights, the kernel built and the CPU able to run it,
           one torch thread: the kernel is single-threaded), else torch.
 Neither choice changes the model's weights (packed layers hold the same values bit for bit) or its dtype;
-results differ from torch's kernels only in the order of floating-point sums (``tests/test_cpu_runtime.py``
-checks logits and greedy outputs).
+results differ from torch's kernels only in the order of floating-point sums and in exp() (``tests/
+test_cpu_runtime.py`` and ``tests/test_decoder_ops.py`` check logits and greedy outputs).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.default_models import ModelNotAvailableError
 from duo_common.lean_llama import install_lean_forward, supports_lean_forward
 from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers
@@ -28,9 +30,6 @@ KERNEL_CHOICES = ("auto", "packed", "torch")
 KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "
                 "torch, or auto (packed for a float32 model on one CPU thread where the CPU has AVX-512 or AVX2).")
 ATTENTION_NAME = "duo_grouped_query"
-# Queries up to this many tokens are scored in plain matrix products (grouped_query_attention); longer
-# ones (prefills) by SDPA, which does not materialise the [query, key] score matrix.
-SHORT_QUERY_TOKENS = 64
 
 
 class RuntimeUnavailableError(ModelNotAvailableError):

@@ -1,13 +1,15 @@
 """A leaner forward pass for Llama-shaped models on the packed CPU runtime.
 
-Once the matrix products are cheap (``packed_linear``), about half of a CPU forward pass over a few tokens
-is transformers' own machinery: thirteen module calls per layer, three projections where one would do,
-mask construction, keyword plumbing. This forward pass runs the same computation with less of it: the
-query, key and value projections are one packed product (and the gate and up projections another) whose
-outputs are split, and the layers are walked in a plain loop calling transformers' own norm, rotary and
-activation code. Each output of a fused product is computed exactly as in the separate one (the kernel's
-outputs are independent of the other columns), so the logits are the ones the packed model computes
-through transformers' modules, bit for bit (``tests/test_cpu_runtime.py``).
+Once the matrix products are cheap (``packed_linear``), most of the rest of a CPU forward pass over a few
+tokens is transformers' own machinery: thirteen module calls per layer, three projections where one would
+do, 30-40 small torch calls for norms, rotary embedding, attention and activation. This forward pass runs
+the same computation with less of it: the query, key and value projections are one packed product (and
+the gate and up projections another) whose outputs are split, and the layers are walked in a plain loop.
+Between the products, for one sequence (the services' case), each operation is one C call
+(``decoder_ops``: row by row, so results stay batch-invariant and a tree node's logits are exactly those of
+its path run alone); otherwise transformers' own norm, rotary and activation code runs, and the logits are
+then bit for bit those of transformers' modules on the packed layers (``tests/test_cpu_runtime.py``,
+``tests/test_decoder_ops.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from collections import Counter
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
+from duo_common import decoder_ops
 from duo_common.kv_cache import new_cache
 from duo_common.packed_linear import PackedLinear
 
@@ -42,6 +46,8 @@ class _Layer:
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.qkv = _fused([attention.q_proj, attention.k_proj, attention.v_proj])
         self.split = (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features)
+        self.heads = attention.q_proj.out_features // attention.head_dim
+        self.kv_heads = attention.k_proj.out_features // attention.head_dim
         self.o_proj = PackedLinear(attention.o_proj)
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj])
         self.intermediate = mlp.gate_proj.out_features
@@ -72,9 +78,18 @@ def install_lean_forward(model: nn.Module, attention) -> Counter:
                 setattr(owner, name, nn.Identity())
     model.lm_head = PackedLinear(model.lm_head)
     model._duo_lean = (layers, attention)
+    model._duo_decoder_ops = _decoder_ops_fit(model, layers)
     model.forward = types.MethodType(_lean_forward, model)
     products = [model.lm_head] + [p for layer in layers for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
     return Counter(product.weight_format.format_name for product in products)
+
+
+def _decoder_ops_fit(model: nn.Module, layers: list[_Layer]) -> bool:
+    """The C decoder operations compute these layers: built here, RMSNorms, SiLU gating, head sizes a multiple
+    of 8."""
+    norms = [model.model.norm] + [n for layer in layers for n in (layer.input_norm, layer.post_norm)]
+    return (decoder_ops.available() and all(type(n) is LlamaRMSNorm for n in norms)
+            and all(isinstance(layer.act, (nn.SiLU, SiLUActivation)) and layer.attention.head_dim % 8 == 0 for layer in layers))
 
 
 def _lean_forward(model, input_ids: torch.Tensor, past_key_values=None, cache=None, use_cache: bool = True,
@@ -93,6 +108,24 @@ def _lean_forward(model, input_ids: torch.Tensor, past_key_values=None, cache=No
         position_ids = torch.arange(past, past + length, device=input_ids.device)[None].expand(batch, -1)
     hidden = inner.embed_tokens(input_ids)
     cos, sin = inner.rotary_emb(hidden, position_ids=position_ids)
+    if _decoder_ops_apply(model, batch, attention_mask):
+        hidden = _layers_with_decoder_ops(model, hidden[0], cos[0].contiguous(), sin[0].contiguous(), cache, past,
+                                          attention_mask, logits_to_keep)[None]
+    else:
+        hidden = _layers_with_torch(model, hidden, cos, sin, cache, attention_mask, logits_to_keep)
+    return CausalLMOutputWithPast(logits=model.lm_head(hidden), past_key_values=cache)
+
+
+def _decoder_ops_apply(model, batch: int, attention_mask: torch.Tensor | None) -> bool:
+    """Whether this call can run the C decoder operations: one sequence, one mask for all heads, and a
+    model whose layers are what they compute (checked once, at install)."""
+    return model._duo_decoder_ops and batch == 1 and (attention_mask is None or attention_mask.shape[:2] == (1, 1))
+
+
+def _layers_with_torch(model, hidden, cos, sin, cache, attention_mask, logits_to_keep):
+    """The decoder layers and final norm through transformers' own norm, rotary and activation code."""
+    layers, attention = model._duo_lean
+    batch, length = hidden.shape[:2]
     for index, layer in enumerate(layers):
         head_dim = layer.attention.head_dim
         q, k, v = layer.qkv(layer.input_norm(hidden)).split(layer.split, dim=-1)
@@ -105,7 +138,35 @@ def _lean_forward(model, input_ids: torch.Tensor, past_key_values=None, cache=No
         hidden = hidden + layer.o_proj(out.reshape(batch, length, -1))
         gate, up = layer.gate_up(layer.post_norm(hidden)).split(layer.intermediate, dim=-1)
         hidden = hidden + layer.down(layer.act(gate) * up)
-    hidden = inner.norm(hidden)
+    hidden = model.model.norm(hidden)
+    return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+
+
+def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attention_mask, logits_to_keep):
+    """The same layers for one sequence (hidden [length, hidden size]), the operations between the packed
+    products each one C call (``decoder_ops``). Queries longer than SHORT_QUERY_TOKENS (prefills) are
+    attended by the model's attention function, which hands them to SDPA."""
+    layers, attention = model._duo_lean
+    length = hidden.shape[0]
+    mask = None
+    if attention_mask is not None and length <= decoder_ops.SHORT_QUERY_TOKENS:
+        mask = decoder_ops.additive_mask(attention_mask[0, 0, :, :past + length])
+    for index, layer in enumerate(layers):
+        self_attention = layer.attention
+        heads, kv_heads = layer.heads, layer.kv_heads
+        qkv = layer.qkv(decoder_ops.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon))
+        q, k, v = decoder_ops.rotary_split(qkv, heads, kv_heads, self_attention.head_dim, cos, sin)
+        keys, values = cache.update(k[None], v[None], index)
+        if length <= decoder_ops.SHORT_QUERY_TOKENS:
+            out = decoder_ops.attention(q, keys[0], values[0], mask, self_attention.scaling)
+        else:
+            out, _ = attention(self_attention, q.transpose(0, 1)[None], keys, values, attention_mask,
+                               scaling=self_attention.scaling)
+            out = out.reshape(length, -1)
+        hidden = hidden + layer.o_proj(out)
+        gate_up = layer.gate_up(decoder_ops.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon))
+        hidden = hidden + layer.down(decoder_ops.silu_mul(gate_up))
     if logits_to_keep:
-        hidden = hidden[:, -logits_to_keep:]
-    return CausalLMOutputWithPast(logits=model.lm_head(hidden), past_key_values=cache)
+        hidden = hidden[-logits_to_keep:].contiguous()
+    norm = model.model.norm
+    return decoder_ops.rms_norm(hidden, norm.weight, norm.variance_epsilon)

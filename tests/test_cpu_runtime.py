@@ -212,7 +212,8 @@ def test_packed_runtime_computes_the_same_model():
 @needs_kernel
 def test_lean_forward_gives_the_packed_modules_logits_bit_for_bit():
     """Fused projections and the plain layer loop change nothing: chains, trees (4D mask and positions),
-    the last position only, and a call without a cache all equal transformers' modules on packed layers."""
+    the last position only, and a call without a cache all equal transformers' modules on packed layers
+    (with transformers' own operations between the products; the C ones are tests/test_decoder_ops.py's)."""
     from duo_common.cpu_runtime import _use_grouped_query_attention
     from duo_common.packed_linear import pack_linear_layers
     from duo_common.tree import TokenTree
@@ -223,6 +224,7 @@ def test_lean_forward_gives_the_packed_modules_logits_bit_for_bit():
     pack_linear_layers(modules)
     lean = build_model("llama")
     assert apply_cpu_runtime(lean, "packed").lean_forward
+    lean._duo_decoder_ops = False
     prompt, chain = torch.tensor([[1, 5, 9, 20, 33, 41]]), torch.tensor([[7, 8, 9]])
     tree = TokenTree((11, 12, 13, 14), (-1, -1, 0, 0))
     tree_kwargs = tree_attention_inputs(tree, prompt.shape[1], torch.float32, torch.device("cpu"))

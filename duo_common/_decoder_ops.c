@@ -1,0 +1,263 @@
+/* duo_common._decoder_ops: the small operations between a decoder layer's matrix products, in C.
+ *
+ * Why: once the matrix products are cheap (_packed_gemm), a CPU forward pass over a few tokens spends about
+ * as long again in the operations between them (norms, rotary embedding, attention over the cache, the
+ * gated activation), each a handful of tiny torch calls: 30-40 calls of ~10 us per layer. Here each is one
+ * call over plain float32 buffers.
+ *
+ * Numerics: every result of a row (a token) is computed from that row alone, in a fixed order, so it never
+ * depends on how many rows share the call (batch invariance, as in _packed_gemm). Elementwise steps round
+ * as transformers' Llama code does (mul and add separately: built with -ffp-contract=off); reductions (the
+ * norm's mean, attention's dot products and sums) run in 8 interleaved partial sums combined in a fixed
+ * order, so they differ from torch's own summation order only in the last bits.
+ *
+ * Attention's inner loops use AVX2 (cpu_supported()); the rest is plain C. Functions take addresses as integers
+ * (torch data_ptr()); duo_common.decoder_ops owns validation.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__x86_64__) || !defined(__GNUC__)
+#error "duo_common._decoder_ops is built for x86-64 with GCC or Clang (setup.py builds it only there)"
+#endif
+#include <immintrin.h>
+
+#define LANES 8
+
+/* sum of a[i] * b[i] over n, in LANES interleaved partial sums combined pairwise. */
+static inline float dot(const float *a, const float *b, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; l++)
+            acc[l] += a[i + l] * b[i + l];
+    for (int l = 0; i < n; i++, l++)
+        acc[l] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+}
+
+/* out[r] = weight * (x[r] * 1 / sqrt(mean(x[r]^2) + eps)), as transformers' LlamaRMSNorm in float32. */
+static void rms_norm(const float *x, int rows, int dim, const float *weight, float eps, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *o = out + (size_t)r * dim;
+        float scale = 1.0f / sqrtf(dot(xr, xr, dim) / (float)dim + eps);
+        for (int i = 0; i < dim; i++)
+            o[i] = weight[i] * (xr[i] * scale);
+    }
+}
+
+/* One head vector rotated by the rotary embedding: x * cos + rotate_half(x) * sin. */
+static inline void rotate(const float *x, const float *cos, const float *sin, int d, float *out) {
+    int half = d / 2;
+    for (int i = 0; i < half; i++)
+        out[i] = x[i] * cos[i] + -x[i + half] * sin[i];
+    for (int i = half; i < d; i++)
+        out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+/* Splits rows of fused q|k|v projections: q rotated into q_out [rows][heads][d], k rotated into
+ * k_out [kv_heads][rows][d], v copied into v_out [kv_heads][rows][d] (the cache's layout); cos and sin are
+ * [rows][d]. */
+static void rotary_split(const float *qkv, int rows, int heads, int kv_heads, int d, const float *cos,
+                         const float *sin, float *q_out, float *k_out, float *v_out) {
+    int width = (heads + 2 * kv_heads) * d;
+    for (int r = 0; r < rows; r++) {
+        const float *row = qkv + (size_t)r * width, *c = cos + (size_t)r * d, *s = sin + (size_t)r * d;
+        for (int h = 0; h < heads; h++)
+            rotate(row + h * d, c, s, d, q_out + ((size_t)r * heads + h) * d);
+        for (int h = 0; h < kv_heads; h++) {
+            rotate(row + (heads + h) * d, c, s, d, k_out + ((size_t)h * rows + r) * d);
+            memcpy(v_out + ((size_t)h * rows + r) * d, row + (heads + kv_heads + h) * d, (size_t)d * sizeof(float));
+        }
+    }
+}
+
+/* Scores of one query row over the cache, kept for its softmax: per thread, grown as needed. */
+static __thread float *scores;
+static __thread size_t scores_size;
+
+static float *scores_buffer(size_t n) {
+    if (n > scores_size) {
+        free(scores);
+        scores = malloc(n * sizeof(float));
+        scores_size = scores ? n : 0;
+    }
+    return scores;
+}
+
+/* An additive mask's "not visible": -inf, or the most negative float (transformers' masks use finfo.min,
+ * whose exp() underflows to exactly 0 in a softmax: leaving the position out computes the same sums). */
+static inline int hidden_position(const float *mask, int j) { return mask && mask[j] <= -FLT_MAX; }
+
+/* dot() for d a multiple of 8, in AVX2 registers: the same 8 partial sums, combined in the same order. */
+__attribute__((target("avx2"))) static inline float dot8(const float *a, const float *b, int d) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < d; i += 8)
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));  /* a0+a4 .. a3+a7 */
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));  /* (a0+a4)+(a2+a6), (a1+a5)+(a3+a7) */
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+/* o[i] = sum over visible j, in order, of p[j] * v[j][i], for d a multiple of 8: columns in blocks of 32
+ * (four independent sums in registers), then of 8. */
+__attribute__((target("avx2"))) static inline void weighted_sum8(const float *p, const float *v, const float *mask,
+                                                                 int end, int d, float *o) {
+    int c = 0;
+    for (; c + 32 <= d; c += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < end; j++) {
+            if (hidden_position(mask, j))
+                continue;
+            const float *vj = v + (size_t)j * d + c;
+            __m256 pj = _mm256_set1_ps(p[j]);
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(pj, _mm256_loadu_ps(vj)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(pj, _mm256_loadu_ps(vj + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(pj, _mm256_loadu_ps(vj + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(pj, _mm256_loadu_ps(vj + 24)));
+        }
+        _mm256_storeu_ps(o + c, a0), _mm256_storeu_ps(o + c + 8, a1);
+        _mm256_storeu_ps(o + c + 16, a2), _mm256_storeu_ps(o + c + 24, a3);
+    }
+    for (; c < d; c += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int j = 0; j < end; j++)
+            if (!hidden_position(mask, j))
+                a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + (size_t)j * d + c)));
+        _mm256_storeu_ps(o + c, a);
+    }
+}
+
+/* Attention of q [rows][heads][d] over keys and values [kv_heads][kv_len] (head h uses kv head
+ * h / (heads / kv_heads); positions of a head `head_stride` floats apart, each row d floats; d a multiple
+ * of 8). Row r sees the positions its additive mask row mask[r] does not hide, adding the mask to their
+ * scores; with no mask, the positions up to past + r (causal). Softmax as torch computes it: exp(s - max)
+ * / sum. A row that sees nothing gets zeros. out [rows][heads * d]. Returns -1 when out of memory. */
+__attribute__((target("avx2"))) static int attention(
+    const float *q, int rows, int heads, int kv_heads, int d, const float *keys, const float *values,
+    size_t head_stride, int kv_len, const float *mask, int past, float scale, float *out) {
+    float *s = scores_buffer((size_t)kv_len);
+    if (!s)
+        return -1;
+    int groups = heads / kv_heads;
+    for (int r = 0; r < rows; r++) {
+        const float *m = mask ? mask + (size_t)r * kv_len : NULL;
+        int end = m ? kv_len : (past + r + 1 < kv_len ? past + r + 1 : kv_len);
+        for (int h = 0; h < heads; h++) {
+            const float *qv = q + ((size_t)r * heads + h) * d;
+            const float *k = keys + (size_t)(h / groups) * head_stride;
+            float *o = out + ((size_t)r * heads + h) * d;
+            float highest = -INFINITY, total = 0.0f;
+            for (int j = 0; j < end; j++) {
+                if (hidden_position(m, j))
+                    continue;
+                s[j] = dot8(qv, k + (size_t)j * d, d) * scale;
+                if (m)
+                    s[j] += m[j];
+                if (s[j] > highest)
+                    highest = s[j];
+            }
+            for (int j = 0; j < end; j++) {
+                if (hidden_position(m, j))
+                    continue;
+                s[j] = expf(s[j] - highest);
+                total += s[j];
+            }
+            for (int j = 0; j < end; j++)
+                if (!hidden_position(m, j))
+                    s[j] = total > 0.0f ? s[j] / total : 0.0f;
+            weighted_sum8(s, values + (size_t)(h / groups) * head_stride, m, end, d, o);
+        }
+    }
+    return 0;
+}
+
+/* out[r] = silu(gate) * up for rows of fused gate|up [rows][2 * width]; silu(g) = g / (1 + exp(-g)). */
+static void silu_mul(const float *gate_up, int rows, int width, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (size_t)r * 2 * width, *u = g + width;
+        float *o = out + (size_t)r * width;
+        for (int i = 0; i < width; i++)
+            o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+#define PTR(v) ((float *)(uintptr_t)(v))
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, weight, out;
+    int rows, dim;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KiiKfK", &x, &rows, &dim, &weight, &eps, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm(PTR(x), rows, dim, PTR(weight), eps, PTR(out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rotary_split(PyObject *self, PyObject *args) {
+    unsigned long long qkv, cos, sin, q_out, k_out, v_out;
+    int rows, heads, kv_heads, d;
+    if (!PyArg_ParseTuple(args, "KiiiiKKKKK", &qkv, &rows, &heads, &kv_heads, &d, &cos, &sin, &q_out, &k_out,
+                          &v_out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rotary_split(PTR(qkv), rows, heads, kv_heads, d, PTR(cos), PTR(sin), PTR(q_out), PTR(k_out), PTR(v_out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attention(PyObject *self, PyObject *args) {
+    unsigned long long q, keys, values, head_stride, mask, out;
+    int rows, heads, kv_heads, d, kv_len, past;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KiiiiKKKiKifK", &q, &rows, &heads, &kv_heads, &d, &keys, &values, &head_stride,
+                          &kv_len, &mask, &past, &scale, &out))
+        return NULL;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = attention(PTR(q), rows, heads, kv_heads, d, PTR(keys), PTR(values), (size_t)head_stride, kv_len,
+                       mask ? PTR(mask) : NULL, past, scale, PTR(out));
+    Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    unsigned long long gate_up, out;
+    int rows, width;
+    if (!PyArg_ParseTuple(args, "KiiK", &gate_up, &rows, &width, &out))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul(PTR(gate_up), rows, width, PTR(out));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cpu_supported(PyObject *self, PyObject *unused) {
+    __builtin_cpu_init();
+    return PyBool_FromLong(__builtin_cpu_supports("avx2"));
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_supported", py_cpu_supported, METH_NOARGS, "Whether this CPU runs these functions (AVX2)."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, rows, dim, weight, eps, out)"},
+    {"rotary_split", py_rotary_split, METH_VARARGS,
+     "rotary_split(qkv, rows, heads, kv_heads, head_dim, cos, sin, q_out, k_out, v_out)"},
+    {"attention", py_attention, METH_VARARGS,
+     "attention(q, rows, heads, kv_heads, head_dim, keys, values, head_stride, kv_len, mask, past, scale, out)"},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, rows, width, out)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decoder_ops", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__decoder_ops(void) { return PyModule_Create(&module); }

@@ -1,0 +1,113 @@
+"""The operations between a Llama decoder layer's matrix products, each one C call (``_decoder_ops.c``).
+
+On the packed CPU runtime the matrix products of a pass over a few tokens are cheap, and transformers'
+norm, rotary, attention and activation code (30-40 small torch calls per layer) cost about as much again.
+These functions do the same work on float32 CPU tensors, one call each. Each row's results depend on that
+row alone (batch-invariant, like the packed kernel); elementwise steps round exactly as transformers' code
+does and sums differ from torch's only in their order (``tests/test_decoder_ops.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from duo_common import _decoder_ops
+except ImportError:  # not built on this machine (setup.py builds it where it can)
+    _decoder_ops = None
+
+
+# Queries up to this many tokens (proposals, decoding steps) are attended here; longer ones (prefills) by
+# SDPA, which does not materialise the [query, key] score matrix.
+SHORT_QUERY_TOKENS = 64
+
+
+def available() -> bool:
+    """Built here, and this CPU runs it."""
+    return _decoder_ops is not None and _decoder_ops.cpu_supported()
+
+
+def _check(tensor: torch.Tensor, name: str, dims: int) -> None:
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.dim() != dims \
+            or not tensor.is_contiguous():
+        raise ValueError(f"{name}: a contiguous {dims}-D float32 CPU tensor, not {tuple(tensor.shape)} "
+                         f"{tensor.dtype} on {tensor.device} (contiguous: {tensor.is_contiguous()})")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, dim] → weight * x / sqrt(mean(x²) + eps), per row (transformers' LlamaRMSNorm)."""
+    _check(x, "x", 2)
+    _check(weight, "weight", 1)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[0]} values for rows of {x.shape[1]}")
+    out = torch.empty_like(x)
+    _decoder_ops.rms_norm(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def rotary_split(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of fused q|k|v projections [rows, (heads + 2 kv_heads) * head_dim] and the rows' rotary cos and
+    sin [rows, head_dim] → q rotated [rows, heads, head_dim], k rotated and v, each
+    [kv_heads, rows, head_dim] (the KV cache's layout)."""
+    _check(qkv, "qkv", 2)
+    _check(cos, "cos", 2)
+    _check(sin, "sin", 2)
+    rows = qkv.shape[0]
+    if qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or head_dim % 2 \
+            or cos.shape != (rows, head_dim) or sin.shape != (rows, head_dim):
+        raise ValueError(f"qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} do not fit "
+                         f"{heads} heads, {kv_heads} key/value heads of {head_dim}")
+    q = qkv.new_empty(rows, heads, head_dim)
+    k = qkv.new_empty(kv_heads, rows, head_dim)
+    v = qkv.new_empty(kv_heads, rows, head_dim)
+    _decoder_ops.rotary_split(qkv.data_ptr(), rows, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                              q.data_ptr(), k.data_ptr(), v.data_ptr())
+    return q, k, v
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+              ) -> torch.Tensor:
+    """Softmax attention of q [rows, heads, d] over keys and values [kv_heads, kv_len, d] (grouped-query:
+    head h reads key/value head h // (heads / kv_heads); d a multiple of 8), → [rows, heads * d].
+
+    ``mask`` [rows, kv_len] is added to the scores (-inf or the most negative float: not visible); None means
+    causal, the rows being the last ``rows`` positions. keys and values may be views with room between heads
+    (a cache's buffers)."""
+    _check(q, "q", 3)
+    rows, heads, d = q.shape
+    kv_heads, kv_len = keys.shape[0], keys.shape[1]
+    for name, tensor in (("keys", keys), ("values", values)):
+        if tensor.dtype != torch.float32 or tensor.dim() != 3 or tensor.shape != (kv_heads, kv_len, d) \
+                or tensor.stride()[1:] != (d, 1) or tensor.stride(0) != keys.stride(0):
+            raise ValueError(f"{name}: [kv_heads, kv_len, {d}] float32 with contiguous positions, "
+                             f"not {tuple(tensor.shape)} strides {tensor.stride()}")
+    if heads % kv_heads or rows > kv_len or d % 8:
+        raise ValueError(f"{heads} query heads over {kv_heads} key/value heads, {rows} rows over {kv_len} positions, "
+                         f"head size {d} (a multiple of 8)")
+    if mask is not None:
+        _check(mask, "mask", 2)
+        if mask.shape != (rows, kv_len):
+            raise ValueError(f"mask {tuple(mask.shape)} for {rows} rows over {kv_len} positions")
+    out = q.new_empty(rows, heads * d)
+    _decoder_ops.attention(q.data_ptr(), rows, heads, kv_heads, d, keys.data_ptr(), values.data_ptr(),
+                           keys.stride(0), kv_len, 0 if mask is None else mask.data_ptr(), kv_len - rows, scale,
+                           out.data_ptr())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Rows of fused gate|up projections [rows, 2 width] → silu(gate) * up [rows, width]."""
+    _check(gate_up, "gate_up", 2)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"gate|up rows of odd width {gate_up.shape[1]}")
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _decoder_ops.silu_mul(gate_up.data_ptr(), gate_up.shape[0], gate_up.shape[1] // 2, out.data_ptr())
+    return out
+
+
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A [rows, kv_len] mask as ``attention`` takes it: bool (True = visible) or additive float."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    return mask.float().contiguous()
