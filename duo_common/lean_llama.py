@@ -89,13 +89,13 @@ def _decoder_ops_fit(model: nn.Module, layers: list[_Layer]) -> bool:
     of 8."""
     norms = [model.model.norm] + [n for layer in layers for n in (layer.input_norm, layer.post_norm)]
     return (decoder_ops.available() and all(type(n) is LlamaRMSNorm for n in norms)
-            and all(isinstance(layer.act, (nn.SiLU, SiLUActivation)) and layer.attention.head_dim % 8 == 0 for layer in layers))
+            and all(isinstance(layer.act, (nn.SiLU, SiLUActivation)) and layer.attention.head_dim % 8 == 0
+                    for layer in layers))
 
 
 def _lean_forward(model, input_ids: torch.Tensor, past_key_values=None, cache=None, use_cache: bool = True,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                   logits_to_keep: int = 0) -> CausalLMOutputWithPast:
-    layers, attention = model._duo_lean
     inner = model.model
     cache = cache if cache is not None else past_key_values
     if cache is None:
@@ -164,8 +164,8 @@ def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attentio
                                scaling=self_attention.scaling)
             out = out.reshape(length, -1)
         hidden = hidden + layer.o_proj(out)
-        gate_up = layer.gate_up(decoder_ops.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon))
-        hidden = hidden + layer.down(decoder_ops.silu_mul(gate_up))
+        normed = decoder_ops.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon)
+        hidden = hidden + layer.down(decoder_ops.silu_mul(layer.gate_up(normed)))
     if logits_to_keep:
         hidden = hidden[-logits_to_keep:].contiguous()
     norm = model.model.norm
