@@ -42,6 +42,7 @@ class CpuRuntime:
     packed_formats: tuple[tuple[str, int], ...] = ()  # (weight storage format, linear layers stored so)
     reason: str = ""  # why ``auto`` chose torch
     lean_forward: bool = False  # a Llama model runs duo's lean forward pass (``lean_llama``)
+    decoder_ops: bool = False  # ... with the operations between its products in C (``decoder_ops``)
 
     @property
     def packed_layers(self) -> int:
@@ -51,6 +52,7 @@ class CpuRuntime:
         if self.kernels == "packed":
             formats = ", ".join(f"{count} {name}" for name, count in self.packed_formats)
             forward = ", lean Llama forward" if self.lean_forward else ""
+            forward += " with C decoder operations" if self.decoder_ops else ""
             return f"packed kernels (products: {formats or 'none'}), grouped-query attention{forward}"
         return "torch kernels" + (f" ({self.reason})" if self.reason else "")
 
@@ -68,7 +70,8 @@ def apply_cpu_runtime(model: torch.nn.Module, choice: str) -> CpuRuntime:
         return CpuRuntime("torch", reason=reason)
     if supports_lean_forward(model):
         formats = install_lean_forward(model, grouped_query_attention)
-        return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())), lean_forward=True)
+        return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())), lean_forward=True,
+                          decoder_ops=model._duo_decoder_ops)
     _use_grouped_query_attention(model)
     formats = pack_linear_layers(model)
     return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())))

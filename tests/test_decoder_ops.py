@@ -136,7 +136,9 @@ def test_the_lean_forward_on_decoder_ops_keeps_trees_exact_and_greedy_output_unc
     """A tree pass gives each node exactly the logits of its path run alone; a chain pass exactly those of
     one token at a time; greedy decoding equals transformers' float32 model."""
     model = build_model("llama")
-    assert apply_cpu_runtime(model, "packed").lean_forward and model._duo_decoder_ops
+    runtime = apply_cpu_runtime(model, "packed")
+    assert runtime.lean_forward and runtime.decoder_ops and model._duo_decoder_ops
+    assert "lean Llama forward with C decoder operations" in runtime.describe()
     tree = TokenTree((11, 12, 13, 14, 15, 16), (-1, -1, 0, 0, 2, 1))
     prefix = [1, 5, 9, 20, 33]
     assert torch.equal(tree_logits(model, prefix, tree), sequential_logits(model, prefix, tree))
