@@ -178,6 +178,8 @@ def test_packed_linear_keeps_leading_dimensions_and_refuses_other_dtypes():
     assert packed(torch.randn(2, 3, 8).transpose(0, 1)).shape == (3, 2, 4)  # non-contiguous input
     with pytest.raises(TypeError, match="float32"):
         packed(torch.randn(1, 8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="of 8 features"):
+        packed(torch.randn(2, 4))  # as many values as one row of 8, but rows of 4
     with pytest.raises(ValueError, match="float32"):
         PackedLinear(torch.nn.Linear(8, 4).to(torch.bfloat16))
 
