@@ -11,7 +11,7 @@ from setuptools import Extension, setup
 extensions = []
 if platform.machine().lower() in ("x86_64", "amd64") and platform.system() == "Linux":
     # -ffp-contract=off: every multiply and add rounds as written (the numerics the sources describe)
-    extensions += [Extension(f"duo_common.{name}", [f"duo_common/{name}.c"],
+    extensions += [Extension(f"duo_common.{name}", [f"duo_common/{name}.c"], depends=["duo_common/_packed_gemm_api.h"],
                              extra_compile_args=["-O3", "-ffp-contract=off"], optional=True)
                    for name in ("_packed_gemm", "_decoder_ops")]
 

@@ -28,6 +28,8 @@
 #endif
 #include <immintrin.h>
 
+#include "_packed_gemm_api.h"
+
 #define LANES 8
 
 /* sum of a[i] * b[i] over n, in LANES interleaved partial sums combined pairwise. */
@@ -62,19 +64,20 @@ static inline void rotate(const float *x, const float *cos, const float *sin, in
         out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-/* Splits rows of fused q|k|v projections: q rotated into q_out [rows][heads][d], k rotated into
- * k_out [kv_heads][rows][d], v copied into v_out [kv_heads][rows][d] (the cache's layout); cos and sin are
- * [rows][d]. */
+/* Splits rows of fused q|k|v projections: q rotated into q_out [rows][heads][d], k rotated into k_out and v
+ * copied into v_out, each [kv_heads][..][d] with kv heads `kv_head_stride` floats apart and row r at r * d
+ * (a cache's buffers at the first new position, or [kv_heads][rows][d]); cos and sin are [rows][d]. */
 static void rotary_split(const float *qkv, int rows, int heads, int kv_heads, int d, const float *cos,
-                         const float *sin, float *q_out, float *k_out, float *v_out) {
+                         const float *sin, float *q_out, float *k_out, float *v_out, size_t kv_head_stride) {
     int width = (heads + 2 * kv_heads) * d;
     for (int r = 0; r < rows; r++) {
         const float *row = qkv + (size_t)r * width, *c = cos + (size_t)r * d, *s = sin + (size_t)r * d;
         for (int h = 0; h < heads; h++)
             rotate(row + h * d, c, s, d, q_out + ((size_t)r * heads + h) * d);
         for (int h = 0; h < kv_heads; h++) {
-            rotate(row + (heads + h) * d, c, s, d, k_out + ((size_t)h * rows + r) * d);
-            memcpy(v_out + ((size_t)h * rows + r) * d, row + (heads + kv_heads + h) * d, (size_t)d * sizeof(float));
+            rotate(row + (heads + h) * d, c, s, d, k_out + h * kv_head_stride + (size_t)r * d);
+            memcpy(v_out + h * kv_head_stride + (size_t)r * d, row + (heads + kv_heads + h) * d,
+                   (size_t)d * sizeof(float));
         }
     }
 }
@@ -232,6 +235,80 @@ __attribute__((target("avx2"))) static void silu_mul(const float *gate_up, int r
     }
 }
 
+/* A whole decoder layer for a few rows, in place on hidden [rows][hidden]: the products through the packed
+ * kernel (duo_common._packed_gemm, reached through its capsule), the operations between them as above, and
+ * the new keys and values written into the cache's buffers. Each step computes exactly what the separate
+ * calls of duo_common.lean_llama compute (the same functions, the same order). */
+typedef struct {
+    const void *weights;
+    int format;
+    const float *scales, *offsets;
+    int n, k;
+    const float *bias;
+} product;
+
+typedef struct {
+    const void *kernels;  /* the packed kernel's instruction set */
+    int hidden, heads, kv_heads, d, intermediate;
+    const float *input_norm, *post_norm;
+    float input_eps, post_eps, scale;
+    product qkv, o, gate_up, down;
+} layer_def;
+
+static const packed_gemm_api *gemm_api;
+
+static int multiply(const layer_def *L, const product *p, const float *x, int rows, float *y) {
+    return gemm_api->gemm(L->kernels, x, rows, p->k, p->weights, p->format, p->scales, p->offsets, p->n, y, p->bias);
+}
+
+static void add_into(float *h, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        h[i] = h[i] + x[i];
+}
+
+/* The layer's working buffers, per thread, grown as needed. */
+static __thread float *layer_scratch;
+static __thread size_t layer_scratch_size;
+
+static int run_layer(const layer_def *L, float *h, int rows, const float *cos, const float *sin, float *key_buffer,
+                     float *value_buffer, int capacity, int past, const float *mask) {
+    size_t H = (size_t)L->hidden, qkv_width = (size_t)(L->heads + 2 * L->kv_heads) * L->d;
+    size_t attn_width = (size_t)L->heads * L->d, I = (size_t)L->intermediate;
+    size_t need = (size_t)rows * (H + qkv_width + 2 * attn_width + H + 3 * I);
+    if (need > layer_scratch_size) {
+        free(layer_scratch);
+        layer_scratch = malloc(need * sizeof(float));
+        layer_scratch_size = layer_scratch ? need : 0;
+        if (!layer_scratch)
+            return -1;
+    }
+    float *normed = layer_scratch, *qkv = normed + rows * H, *q = qkv + rows * qkv_width;
+    float *attended = q + rows * attn_width, *projected = attended + rows * attn_width;
+    float *gate_up = projected + rows * H, *act = gate_up + rows * 2 * I;
+    size_t head_stride = (size_t)capacity * L->d;
+
+    rms_norm(h, rows, L->hidden, L->input_norm, L->input_eps, normed);
+    if (multiply(L, &L->qkv, normed, rows, qkv))
+        return -1;
+    rotary_split(qkv, rows, L->heads, L->kv_heads, L->d, cos, sin, q, key_buffer + (size_t)past * L->d,
+                 value_buffer + (size_t)past * L->d, head_stride);
+    if (attention(q, rows, L->heads, L->kv_heads, L->d, key_buffer, value_buffer, head_stride, past + rows, mask,
+                  past, L->scale, attended)
+        || multiply(L, &L->o, attended, rows, projected))
+        return -1;
+    add_into(h, projected, rows * H);
+    rms_norm(h, rows, L->hidden, L->post_norm, L->post_eps, normed);
+    if (multiply(L, &L->gate_up, normed, rows, gate_up))
+        return -1;
+    silu_mul(gate_up, rows, L->intermediate, act);
+    if (multiply(L, &L->down, act, rows, projected))
+        return -1;
+    add_into(h, projected, rows * H);
+    return 0;
+}
+
+static void free_layer(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "duo_common._decoder_ops.layer")); }
+
 #define PTR(v) ((float *)(uintptr_t)(v))
 
 static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
@@ -253,7 +330,8 @@ static PyObject *py_rotary_split(PyObject *self, PyObject *args) {
                           &v_out))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    rotary_split(PTR(qkv), rows, heads, kv_heads, d, PTR(cos), PTR(sin), PTR(q_out), PTR(k_out), PTR(v_out));
+    rotary_split(PTR(qkv), rows, heads, kv_heads, d, PTR(cos), PTR(sin), PTR(q_out), PTR(k_out), PTR(v_out),
+                 (size_t)rows * d);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -286,6 +364,72 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int parse_product(PyObject *tuple, product *p) {
+    unsigned long long weights, scales, offsets, bias;
+    if (!PyArg_ParseTuple(tuple, "KiKKiiK", &weights, &p->format, &scales, &offsets, &p->n, &p->k, &bias))
+        return -1;
+    p->weights = (const void *)(uintptr_t)weights;
+    p->scales = PTR(scales), p->offsets = PTR(offsets), p->bias = bias ? PTR(bias) : NULL;
+    return 0;
+}
+
+/* layer(instruction_set, hidden, heads, kv_heads, head_dim, intermediate, input_norm, input_eps, post_norm,
+ * post_eps, scale, qkv, o, gate_up, down) -> capsule; each product (weights, format, scales, offsets, n, k,
+ * bias). The caller keeps every buffer alive as long as the capsule. */
+static PyObject *py_layer(PyObject *self, PyObject *args) {
+    const char *set_name;
+    unsigned long long input_norm, post_norm;
+    PyObject *products[4];
+    layer_def *L = calloc(1, sizeof(layer_def));
+    if (!L)
+        return PyErr_NoMemory();
+    if (!PyArg_ParseTuple(args, "siiiiiKfKffO!O!O!O!", &set_name, &L->hidden, &L->heads, &L->kv_heads, &L->d,
+                          &L->intermediate, &input_norm, &L->input_eps, &post_norm, &L->post_eps, &L->scale,
+                          &PyTuple_Type, &products[0], &PyTuple_Type, &products[1], &PyTuple_Type, &products[2],
+                          &PyTuple_Type, &products[3])
+        || parse_product(products[0], &L->qkv) || parse_product(products[1], &L->o)
+        || parse_product(products[2], &L->gate_up) || parse_product(products[3], &L->down)) {
+        free(L);
+        return NULL;
+    }
+    L->input_norm = PTR(input_norm), L->post_norm = PTR(post_norm);
+    L->kernels = gemm_api ? gemm_api->kernel_set(set_name) : NULL;
+    if (!L->kernels || L->d % 8 || L->heads % L->kv_heads) {
+        free(L);
+        PyErr_Format(PyExc_ValueError, "layer: no '%s' packed kernel here, or heads that do not fit", set_name);
+        return NULL;
+    }
+    PyObject *capsule = PyCapsule_New(L, "duo_common._decoder_ops.layer", free_layer);
+    if (!capsule)
+        free(L);
+    return capsule;
+}
+
+/* run_layer(layer, hidden, rows, cos, sin, key_buffer, value_buffer, capacity, past, mask) */
+static PyObject *py_run_layer(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    unsigned long long hidden, cos, sin, keys, values, mask;
+    int rows, capacity, past;
+    if (!PyArg_ParseTuple(args, "OKiKKKKiiK", &capsule, &hidden, &rows, &cos, &sin, &keys, &values, &capacity, &past,
+                          &mask))
+        return NULL;
+    const layer_def *L = PyCapsule_GetPointer(capsule, "duo_common._decoder_ops.layer");
+    if (!L)
+        return NULL;
+    if (rows <= 0 || past < 0 || past + rows > capacity) {
+        PyErr_SetString(PyExc_ValueError, "run_layer: rows do not fit the cache's buffers");
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = run_layer(L, PTR(hidden), rows, PTR(cos), PTR(sin), PTR(keys), PTR(values), capacity, past,
+                       mask ? PTR(mask) : NULL);
+    Py_END_ALLOW_THREADS
+    if (status)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_cpu_supported(PyObject *self, PyObject *unused) {
     __builtin_cpu_init();
     return PyBool_FromLong(__builtin_cpu_supports("avx2"));
@@ -299,9 +443,20 @@ static PyMethodDef methods[] = {
     {"attention", py_attention, METH_VARARGS,
      "attention(q, rows, heads, kv_heads, head_dim, keys, values, head_stride, kv_len, mask, past, scale, out)"},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, rows, width, out)"},
+    {"layer", py_layer, METH_VARARGS, "A decoder layer's definition for run_layer(), as a capsule."},
+    {"run_layer", py_run_layer, METH_VARARGS,
+     "run_layer(layer, hidden, rows, cos, sin, key_buffer, value_buffer, capacity, past, mask)"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decoder_ops", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__decoder_ops(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__decoder_ops(void) {
+    /* The packed kernel, for run_layer(); without it the module still serves its single operations. */
+    PyObject *kernel_module = PyImport_ImportModule("duo_common._packed_gemm");
+    gemm_api = kernel_module ? PyCapsule_Import(PACKED_GEMM_CAPSULE, 0) : NULL;
+    Py_XDECREF(kernel_module);
+    if (!gemm_api)
+        PyErr_Clear();
+    return PyModule_Create(&module);
+}

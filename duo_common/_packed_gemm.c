@@ -37,6 +37,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_packed_gemm_api.h"
+
 #define PANEL 32  /* output columns per panel */
 #define BLOCK 32  /* k positions sharing one scale and offset (FORMAT_I8_BLOCKS) */
 
@@ -448,4 +450,22 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_packed_gemm", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__packed_gemm(void) { return PyModule_Create(&module); }
+static const void *api_kernel_set(const char *name) { return kernel_set_named(name); }
+
+static int api_gemm(const void *set, const float *x, int rows, int k_dim, const void *weights, int format,
+                    const float *scales, const float *offsets, int n, float *y, const float *bias) {
+    return gemm((const kernel_set *)set, x, rows, k_dim, weights, format, scales, offsets, n, y, bias);
+}
+
+static const packed_gemm_api API = {api_kernel_set, api_gemm};
+
+PyMODINIT_FUNC PyInit__packed_gemm(void) {
+    PyObject *m = PyModule_Create(&module);
+    PyObject *capsule = m ? PyCapsule_New((void *)&API, PACKED_GEMM_CAPSULE, NULL) : NULL;
+    if (!capsule || PyModule_AddObject(m, "_C_API", capsule)) {
+        Py_XDECREF(capsule);
+        Py_XDECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -106,6 +106,55 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def can_run_layers() -> bool:
+    """Whole layers in one call (``layer_definition``) need the packed kernel's C interface too."""
+    from duo_common.packed_linear import kernel_unavailable_reason
+
+    return available() and kernel_unavailable_reason() is None
+
+
+def _product(packed) -> tuple:
+    """A PackedLinear as the C layer takes it (its buffers stay owned by the PackedLinear)."""
+    weight = packed.weight_format
+    return (weight.data.data_ptr(), weight.format, 0 if weight.scales is None else weight.scales.data_ptr(),
+            0 if weight.offsets is None else weight.offsets.data_ptr(), packed.out_features, packed.in_features,
+            0 if packed.bias is None else packed.bias.data_ptr())
+
+
+def layer_definition(qkv, o_proj, gate_up, down, input_norm: torch.Tensor, input_eps: float, post_norm: torch.Tensor,
+                     post_eps: float, heads: int, kv_heads: int, head_dim: int, scale: float):
+    """A Llama decoder layer whose products are these PackedLinears (q|k|v and gate|up fused), for
+    ``run_layer``. The caller keeps the products and norm weights alive as long as the definition."""
+    hidden, intermediate = o_proj.out_features, down.in_features
+    if (qkv.in_features != hidden or qkv.out_features != (heads + 2 * kv_heads) * head_dim
+            or o_proj.in_features != heads * head_dim or gate_up.out_features != 2 * intermediate
+            or gate_up.in_features != hidden or down.out_features != hidden
+            or len({p.instruction_set for p in (qkv, o_proj, gate_up, down)}) != 1):
+        raise ValueError("the layer's products do not fit together")
+    for norm in (input_norm, post_norm):
+        _check(norm, "norm weight", 1)
+    return _decoder_ops.layer(qkv.instruction_set, hidden, heads, kv_heads, head_dim, intermediate,
+                              input_norm.data_ptr(), input_eps, post_norm.data_ptr(), post_eps, scale,
+                              _product(qkv), _product(o_proj), _product(gate_up), _product(down))
+
+
+def run_layer(definition, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor, past: int, mask: torch.Tensor | None) -> None:
+    """One decoder layer over hidden [rows, hidden size], in place: exactly what rms_norm, the products,
+    rotary_split, attention and silu_mul compute one by one. keys and values are a cache's buffers
+    [kv_heads, capacity, head_dim] holding ``past`` positions; the rows' keys and values are written after
+    them. ``mask`` as ``attention`` takes it ([rows, past + rows]; None: causal)."""
+    rows = hidden.shape[0]
+    _check(hidden, "hidden", 2)
+    for name, tensor in (("keys", keys), ("values", values)):
+        _check(tensor, name, 3)
+    if cos.shape != sin.shape or cos.shape[0] != rows or keys.shape != values.shape \
+            or (mask is not None and mask.shape != (rows, past + rows)):
+        raise ValueError("run_layer: rows, rotary tables, cache buffers and mask do not fit")
+    _decoder_ops.run_layer(definition, hidden.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
+                           values.data_ptr(), keys.shape[1], past, 0 if mask is None else mask.data_ptr())
+
+
 def additive_mask(mask: torch.Tensor) -> torch.Tensor:
     """A [rows, kv_len] mask as ``attention`` takes it: bool (True = visible) or additive float."""
     if mask.dtype == torch.bool:

@@ -37,6 +37,16 @@ class GrowableLayer(DynamicLayer):
         self._value_buffer: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        length = self.get_seq_length() if self.is_initialized else 0
+        needed = length + key_states.shape[-2]
+        keys, values = self.room_for(key_states, value_states)
+        keys[..., length:needed, :].copy_(key_states)
+        values[..., length:needed, :].copy_(value_states)
+        return self.filled_to(needed)
+
+    def room_for(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers, with room after the filled positions for states shaped like these
+        (which are not written: a caller writing the buffers itself then calls ``filled_to``)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
@@ -48,10 +58,12 @@ class GrowableLayer(DynamicLayer):
             capacity = _capacity_for(needed, current)
             self._key_buffer = self._moved_into_buffer(self.keys, key_states, length, capacity)
             self._value_buffer = self._moved_into_buffer(self.values, value_states, length, capacity)
-        self._key_buffer[..., length:needed, :].copy_(key_states)
-        self._value_buffer[..., length:needed, :].copy_(value_states)
-        self.keys = self._key_buffer[..., :needed, :]
-        self.values = self._value_buffer[..., :needed, :]
+        return self._key_buffer, self._value_buffer
+
+    def filled_to(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values are now the buffers' first ``length`` positions."""
+        self.keys = self._key_buffer[..., :length, :]
+        self.values = self._value_buffer[..., :length, :]
         return self.keys, self.values
 
     @staticmethod

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from duo_common import decoder_ops
-from duo_common.kv_cache import new_cache
+from duo_common.kv_cache import GrowableLayer, new_cache
 from duo_common.packed_linear import PackedLinear
 
 
@@ -53,6 +53,14 @@ class _Layer:
         self.intermediate = mlp.gate_proj.out_features
         self.act = mlp.act_fn
         self.down = PackedLinear(mlp.down_proj)
+        self.definition = None  # the layer as one C call (``decoder_ops.run_layer``), where it can run
+
+    def define_for_c(self) -> None:
+        attention = self.attention
+        self.definition = decoder_ops.layer_definition(
+            self.qkv, self.o_proj, self.gate_up, self.down, self.input_norm.weight.detach(),
+            self.input_norm.variance_epsilon, self.post_norm.weight.detach(), self.post_norm.variance_epsilon,
+            self.heads, self.kv_heads, attention.head_dim, attention.scaling)
 
 
 def supports_lean_forward(model: nn.Module) -> bool:
@@ -79,6 +87,9 @@ def install_lean_forward(model: nn.Module, attention) -> Counter:
     model.lm_head = PackedLinear(model.lm_head)
     model._duo_lean = (layers, attention)
     model._duo_decoder_ops = _decoder_ops_fit(model, layers)
+    if model._duo_decoder_ops and decoder_ops.can_run_layers():
+        for layer in layers:
+            layer.define_for_c()
     model.forward = types.MethodType(_lean_forward, model)
     products = [model.lm_head] + [p for layer in layers for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
     return Counter(product.weight_format.format_name for product in products)
@@ -151,7 +162,16 @@ def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attentio
     mask = None
     if attention_mask is not None and length <= decoder_ops.SHORT_QUERY_TOKENS:
         mask = decoder_ops.additive_mask(attention_mask[0, 0, :, :past + length])
+    whole_layers = length <= decoder_ops.SHORT_QUERY_TOKENS and layers[0].definition is not None \
+        and all(type(layer_cache) is GrowableLayer for layer_cache in cache.layers)
     for index, layer in enumerate(layers):
+        if whole_layers:  # one C call, writing the new keys and values into the cache's buffers
+            layer_cache = cache.layers[index]
+            shape = hidden.new_empty(1, layer.kv_heads, length, layer.attention.head_dim)
+            keys, values = layer_cache.room_for(shape, shape)
+            decoder_ops.run_layer(layer.definition, hidden, cos, sin, keys[0], values[0], past, mask)
+            layer_cache.filled_to(past + length)
+            continue
         self_attention = layer.attention
         heads, kv_heads = layer.heads, layer.kv_heads
         qkv = layer.qkv(decoder_ops.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon))

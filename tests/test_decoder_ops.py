@@ -154,3 +154,23 @@ def test_the_lean_forward_on_decoder_ops_keeps_trees_exact_and_greedy_output_unc
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=torch.tensor([prefix])).logits,
                                    reference(input_ids=torch.tensor([prefix])).logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_ops
+@needs_kernel
+def test_a_layer_in_one_call_computes_what_the_single_operations_compute():
+    """run_layer is the same steps as the per-operation path: the same logits bit for bit, for chains and trees."""
+    model = build_model("llama")
+    apply_cpu_runtime(model, "packed")
+    layers = model._duo_lean[0]
+    assert all(layer.definition is not None for layer in layers)
+    tree = TokenTree((11, 12, 13, 14, 15, 16), (-1, -1, 0, 0, 2, 1))
+    prefix = [1, 5, 9, 20, 33]
+    whole = tree_logits(model, prefix, tree), greedy(model, prefix, 30, new_cache)
+    definitions = [layer.definition for layer in layers]
+    for layer in layers:
+        layer.definition = None
+    one_by_one = tree_logits(model, prefix, tree), greedy(model, prefix, 30, new_cache)
+    for layer, definition in zip(layers, definitions):
+        layer.definition = definition
+    assert torch.equal(whole[0], one_by_one[0]) and whole[1] == one_by_one[1]
