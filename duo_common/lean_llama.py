@@ -154,9 +154,11 @@ def _layers_with_torch(model, hidden, cos, sin, cache, attention_mask, logits_to
 
 
 def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attention_mask, logits_to_keep):
-    """The same layers for one sequence (hidden [length, hidden size]), the operations between the packed
-    products each one C call (``decoder_ops``). Queries longer than SHORT_QUERY_TOKENS (prefills) are
-    attended by the model's attention function, which hands them to SDPA."""
+    """The same layers for one sequence (hidden [length, hidden size]) in C (``decoder_ops``): for queries of
+    up to SHORT_QUERY_TOKENS (proposals, decoding steps) each whole layer one call, writing its keys and
+    values into the cache's buffers; else the operations between the packed products one call each, with
+    longer queries (prefills) attended by the model's attention function, which hands them to SDPA. Both
+    compute the same numbers."""
     layers, attention = model._duo_lean
     length = hidden.shape[0]
     mask = None
