@@ -35,6 +35,7 @@ from duo_common.rpc import MAX_MESSAGE_BYTES, ServiceServer  # noqa: E402
 from duo_common.sessions import SessionRegistry  # noqa: E402
 from protos import duo_pb2_grpc  # noqa: E402
 from verify_service.engine import TargetVerifier  # noqa: E402
+from verify_service.scheduler import VerifyScheduler  # noqa: E402
 from verify_service.servicer import VerifierServicer  # noqa: E402
 
 FALLBACK_PROMPTS = [
@@ -73,7 +74,7 @@ def services():
     duo_pb2_grpc.add_VerifierServicer_to_server(verifier, verify.server)
     verify_addr = f"127.0.0.1:{verify.bind('127.0.0.1:0')}"
     verify.start()
-    verifier.attach(TargetVerifier(load_causal_lm(DEFAULT_TARGET, "cpu", "auto")))
+    verifier.attach(VerifyScheduler(TargetVerifier(load_causal_lm(DEFAULT_TARGET, "cpu", "auto"))))
     verify.mark_serving()
     channel = grpc.insecure_channel(verify_addr, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                                           ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

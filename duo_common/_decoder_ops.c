@@ -270,8 +270,22 @@ static void add_into(float *h, const float *x, size_t n) {
 static __thread float *layer_scratch;
 static __thread size_t layer_scratch_size;
 
-static int run_layer(const layer_def *L, float *h, int rows, const float *cos, const float *sin, float *key_buffer,
-                     float *value_buffer, int capacity, int past, const float *mask) {
+/* One sequence's rows in a pass: `rows` consecutive rows of hidden, attending over their own cache. */
+typedef struct {
+    int rows;
+    float *key_buffer, *value_buffer;  /* the cache's buffers [kv_heads][capacity][d], `past` positions held */
+    int capacity, past;
+    const float *mask;                 /* [rows][past + rows] additive, or NULL: causal */
+} segment;
+
+/* The layer for the rows of several sequences at once: the norms and products run over all rows (each row's
+ * result is its own, so a sequence computes the same numbers whatever shares the pass), rotary embedding and
+ * attention per sequence, over its own cache. cos and sin hold every row's tables. */
+static int run_layer(const layer_def *L, float *h, const float *cos, const float *sin, const segment *segs,
+                     int nsegs) {
+    int rows = 0;
+    for (int i = 0; i < nsegs; i++)
+        rows += segs[i].rows;
     size_t H = (size_t)L->hidden, qkv_width = (size_t)(L->heads + 2 * L->kv_heads) * L->d;
     size_t attn_width = (size_t)L->heads * L->d, I = (size_t)L->intermediate;
     size_t need = (size_t)rows * (H + qkv_width + 2 * attn_width + H + 3 * I);
@@ -285,16 +299,21 @@ static int run_layer(const layer_def *L, float *h, int rows, const float *cos, c
     float *normed = layer_scratch, *qkv = normed + rows * H, *q = qkv + rows * qkv_width;
     float *attended = q + rows * attn_width, *projected = attended + rows * attn_width;
     float *gate_up = projected + rows * H, *act = gate_up + rows * 2 * I;
-    size_t head_stride = (size_t)capacity * L->d;
 
     rms_norm(h, rows, L->hidden, L->input_norm, L->input_eps, normed);
     if (multiply(L, &L->qkv, normed, rows, qkv))
         return -1;
-    rotary_split(qkv, rows, L->heads, L->kv_heads, L->d, cos, sin, q, key_buffer + (size_t)past * L->d,
-                 value_buffer + (size_t)past * L->d, head_stride);
-    if (attention(q, rows, L->heads, L->kv_heads, L->d, key_buffer, value_buffer, head_stride, past + rows, mask,
-                  past, L->scale, attended)
-        || multiply(L, &L->o, attended, rows, projected))
+    for (int i = 0, first = 0; i < nsegs; first += segs[i].rows, i++) {
+        const segment *s = &segs[i];
+        size_t head_stride = (size_t)s->capacity * L->d;
+        rotary_split(qkv + first * qkv_width, s->rows, L->heads, L->kv_heads, L->d, cos + (size_t)first * L->d,
+                     sin + (size_t)first * L->d, q + first * attn_width, s->key_buffer + (size_t)s->past * L->d,
+                     s->value_buffer + (size_t)s->past * L->d, head_stride);
+        if (attention(q + first * attn_width, s->rows, L->heads, L->kv_heads, L->d, s->key_buffer, s->value_buffer,
+                      head_stride, s->past + s->rows, s->mask, s->past, L->scale, attended + first * attn_width))
+            return -1;
+    }
+    if (multiply(L, &L->o, attended, rows, projected))
         return -1;
     add_into(h, projected, rows * H);
     rms_norm(h, rows, L->hidden, L->post_norm, L->post_eps, normed);
@@ -405,26 +424,53 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
     return capsule;
 }
 
-/* run_layer(layer, hidden, rows, cos, sin, key_buffer, value_buffer, capacity, past, mask) */
+/* run_layer(layer, hidden, cos, sin, segments): segments a sequence of
+ * (rows, key_buffer, value_buffer, capacity, past, mask) tuples, one per sequence, in hidden's row order. */
 static PyObject *py_run_layer(PyObject *self, PyObject *args) {
-    PyObject *capsule;
-    unsigned long long hidden, cos, sin, keys, values, mask;
-    int rows, capacity, past;
-    if (!PyArg_ParseTuple(args, "OKiKKKKiiK", &capsule, &hidden, &rows, &cos, &sin, &keys, &values, &capacity, &past,
-                          &mask))
+    PyObject *capsule, *seq;
+    unsigned long long hidden, cos, sin;
+    if (!PyArg_ParseTuple(args, "OKKKO", &capsule, &hidden, &cos, &sin, &seq))
         return NULL;
     const layer_def *L = PyCapsule_GetPointer(capsule, "duo_common._decoder_ops.layer");
     if (!L)
         return NULL;
-    if (rows <= 0 || past < 0 || past + rows > capacity) {
-        PyErr_SetString(PyExc_ValueError, "run_layer: rows do not fit the cache's buffers");
+    PyObject *items = PySequence_Fast(seq, "run_layer: segments must be a sequence");
+    if (!items)
         return NULL;
+    Py_ssize_t nsegs = PySequence_Fast_GET_SIZE(items);
+    segment *segs = nsegs > 0 ? calloc((size_t)nsegs, sizeof(segment)) : NULL;
+    if (nsegs <= 0 || !segs) {
+        Py_DECREF(items);
+        free(segs);
+        if (nsegs <= 0)
+            PyErr_SetString(PyExc_ValueError, "run_layer: no segments");
+        return nsegs <= 0 ? NULL : PyErr_NoMemory();
     }
+    for (Py_ssize_t i = 0; i < nsegs; i++) {
+        unsigned long long keys, values, mask;
+        segment *s = &segs[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "iKKiiK", &s->rows, &keys, &values, &s->capacity,
+                              &s->past, &mask)) {
+            Py_DECREF(items);
+            free(segs);
+            return NULL;
+        }
+        if (s->rows <= 0 || s->past < 0 || s->past + s->rows > s->capacity) {
+            Py_DECREF(items);
+            free(segs);
+            PyErr_SetString(PyExc_ValueError, "run_layer: a segment's rows do not fit its cache's buffers");
+            return NULL;
+        }
+        s->key_buffer = PTR(keys);
+        s->value_buffer = PTR(values);
+        s->mask = mask ? PTR(mask) : NULL;
+    }
+    Py_DECREF(items);
     int status;
     Py_BEGIN_ALLOW_THREADS
-    status = run_layer(L, PTR(hidden), rows, PTR(cos), PTR(sin), PTR(keys), PTR(values), capacity, past,
-                       mask ? PTR(mask) : NULL);
+    status = run_layer(L, PTR(hidden), PTR(cos), PTR(sin), segs, (int)nsegs);
     Py_END_ALLOW_THREADS
+    free(segs);
     if (status)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -445,7 +491,7 @@ static PyMethodDef methods[] = {
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, rows, width, out)"},
     {"layer", py_layer, METH_VARARGS, "A decoder layer's definition for run_layer(), as a capsule."},
     {"run_layer", py_run_layer, METH_VARARGS,
-     "run_layer(layer, hidden, rows, cos, sin, key_buffer, value_buffer, capacity, past, mask)"},
+     "run_layer(layer, hidden, cos, sin, segments): segments of (rows, key_buffer, value_buffer, capacity, past, mask)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,6 +9,8 @@ does and sums differ from torch's only in their order (``tests/test_decoder_ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:
@@ -138,21 +140,41 @@ def layer_definition(qkv, o_proj, gate_up, down, input_norm: torch.Tensor, input
                               _product(qkv), _product(o_proj), _product(gate_up), _product(down))
 
 
-def run_layer(definition, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-              values: torch.Tensor, past: int, mask: torch.Tensor | None) -> None:
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a ``run_layer`` call: how many, its cache's key and value buffers
+    [kv_heads, capacity, head_dim] holding ``past`` positions (the rows' keys and values are written after
+    them), and its mask as ``attention`` takes it ([rows, past + rows]; None: causal)."""
+
+    rows: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    past: int
+    mask: torch.Tensor | None = None
+
+
+def run_layer(definition, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment]
+              ) -> None:
     """One decoder layer over hidden [rows, hidden size], in place: exactly what rms_norm, the products,
-    rotary_split, attention and silu_mul compute one by one. keys and values are a cache's buffers
-    [kv_heads, capacity, head_dim] holding ``past`` positions; the rows' keys and values are written after
-    them. ``mask`` as ``attention`` takes it ([rows, past + rows]; None: causal)."""
+    rotary_split, attention and silu_mul compute one by one. The rows are the segments' rows in order (one
+    segment per sequence: the products run over all rows at once, attention per segment over its own cache);
+    cos and sin [rows, head_dim] are the rows' rotary tables."""
     rows = hidden.shape[0]
     _check(hidden, "hidden", 2)
-    for name, tensor in (("keys", keys), ("values", values)):
-        _check(tensor, name, 3)
-    if cos.shape != sin.shape or cos.shape[0] != rows or keys.shape != values.shape \
-            or (mask is not None and mask.shape != (rows, past + rows)):
-        raise ValueError("run_layer: rows, rotary tables, cache buffers and mask do not fit")
-    _decoder_ops.run_layer(definition, hidden.data_ptr(), rows, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(),
-                           values.data_ptr(), keys.shape[1], past, 0 if mask is None else mask.data_ptr())
+    if cos.shape != sin.shape or cos.shape[0] != rows or sum(s.rows for s in segments) != rows or not segments:
+        raise ValueError("run_layer: rows, rotary tables and segments do not fit")
+    described = []
+    for segment in segments:
+        keys, values, mask = segment.keys, segment.values, segment.mask
+        _check(keys, "keys", 3)
+        _check(values, "values", 3)
+        if keys.shape != values.shape or (mask is not None and mask.shape != (segment.rows, segment.past + segment.rows)):
+            raise ValueError("run_layer: a segment's cache buffers and mask do not fit")
+        if mask is not None:
+            _check(mask, "mask", 2)
+        described.append((segment.rows, keys.data_ptr(), values.data_ptr(), keys.shape[1], segment.past,
+                          0 if mask is None else mask.data_ptr()))
+    _decoder_ops.run_layer(definition, hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), described)
 
 
 def additive_mask(mask: torch.Tensor) -> torch.Tensor:

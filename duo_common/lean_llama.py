@@ -171,7 +171,8 @@ def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attentio
             layer_cache = cache.layers[index]
             shape = hidden.new_empty(1, layer.kv_heads, length, layer.attention.head_dim)
             keys, values = layer_cache.room_for(shape, shape)
-            decoder_ops.run_layer(layer.definition, hidden, cos, sin, keys[0], values[0], past, mask)
+            decoder_ops.run_layer(layer.definition, hidden, cos, sin,
+                                  [decoder_ops.Segment(length, keys[0], values[0], past, mask)])
             layer_cache.filled_to(past + length)
             continue
         self_attention = layer.attention
@@ -192,3 +193,47 @@ def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attentio
         hidden = hidden[-logits_to_keep:].contiguous()
     norm = model.model.norm
     return decoder_ops.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+
+
+def runs_sequences_together(model: nn.Module) -> bool:
+    """Whether ``forward_sequences`` can run several sequences in one pass on this model: the lean forward
+    with whole layers in C."""
+    lean = getattr(model, "_duo_lean", None)
+    return bool(lean and model._duo_decoder_ops and lean[0][0].definition is not None)
+
+
+@torch.inference_mode()
+def forward_sequences(model: nn.Module, sequences: list) -> list[torch.Tensor]:
+    """One pass over the new tokens of several sequences, each with its own KV cache (``sequences``: the
+    ``batched_forward.NewTokens`` of each, at most SHORT_QUERY_TOKENS tokens over a ``new_cache``). The norms
+    and products run over all rows at once and attention per sequence over its own cache, so each sequence's
+    logits are bit for bit those of a pass over it alone. Returns each sequence's kept logits."""
+    if any(len(s.token_ids) > decoder_ops.SHORT_QUERY_TOKENS
+           or any(type(layer) is not GrowableLayer for layer in s.cache.layers) for s in sequences):
+        raise ValueError("forward_sequences takes up to SHORT_QUERY_TOKENS tokens per sequence over a new_cache")
+    inner = model.model
+    layers, _ = model._duo_lean
+    pasts = [s.cache.get_seq_length() for s in sequences]
+    hidden = inner.embed_tokens(torch.tensor([t for s in sequences for t in s.token_ids]))
+    tables = [inner.rotary_emb(hidden[None, :1], position_ids=s.position_ids(past)[None])
+              for s, past in zip(sequences, pasts)]
+    cos = torch.cat([cos[0] for cos, _ in tables]).contiguous()
+    sin = torch.cat([sin[0] for _, sin in tables]).contiguous()
+    masks = [None if s.visible is None else decoder_ops.additive_mask(s.visible) for s in sequences]
+    for index, layer in enumerate(layers):
+        segments = []
+        for s, past, mask in zip(sequences, pasts, masks):
+            shape = hidden.new_empty(1, layer.kv_heads, len(s.token_ids), layer.attention.head_dim)
+            keys, values = s.cache.layers[index].room_for(shape, shape)
+            segments.append(decoder_ops.Segment(len(s.token_ids), keys[0], values[0], past, mask))
+        decoder_ops.run_layer(layer.definition, hidden, cos, sin, segments)
+        for s, past in zip(sequences, pasts):
+            s.cache.layers[index].filled_to(past + len(s.token_ids))
+    kept, end = [], 0
+    for s in sequences:
+        end += len(s.token_ids)
+        kept.append(torch.arange(end - s.kept_logits, end))
+    norm = inner.norm
+    rows = torch.cat(kept)
+    logits = model.lm_head(decoder_ops.rms_norm(hidden[rows].contiguous(), norm.weight, norm.variance_epsilon))
+    return list(logits.split([s.kept_logits for s in sequences]))

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SIZE_BUCKETS = (0, 1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+_BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class ServiceMetrics:
@@ -24,6 +25,16 @@ class ServiceMetrics:
                                         buckets=_LATENCY_BUCKETS, **labels)
         self.prefill_seconds = Histogram("duo_prefill_compute_seconds", "Target prefill per session",
                                          buckets=_LATENCY_BUCKETS, **labels)
+        self.batch_sessions = Histogram("duo_verify_batch_sessions", "Sessions scored per forward pass",
+                                        buckets=_SIZE_BUCKETS, **labels)
+        self.batch_tokens = Histogram("duo_verify_batch_tokens", "Tokens scored per forward pass",
+                                      buckets=_BATCH_TOKEN_BUCKETS, **labels)
+        self.queue_wait_seconds = Histogram("duo_verify_queue_wait_seconds",
+                                            "Wait of a prefill chunk or proposal for its forward pass",
+                                            buckets=_LATENCY_BUCKETS, **labels)
+        self.waiting_sessions = Gauge("duo_verify_waiting_sessions", "Sessions waiting for a forward pass", **labels)
+        self.kv_cache_tokens = Gauge("duo_verify_kv_cache_tokens", "Positions held in the KV caches of live sessions",
+                                     **labels)
         self.num_drafts = Counter("duo_spec_decode_num_drafts", "Proposals verified", **labels)
         self.num_draft_tokens = Counter("duo_spec_decode_num_draft_tokens", "Draft tokens proposed", **labels)
         self.num_accepted_tokens = Counter("duo_spec_decode_num_accepted_tokens", "Draft tokens accepted", **labels)

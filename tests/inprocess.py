@@ -14,6 +14,7 @@ from duo_common.security import ChannelSecurity
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
+from verify_service.scheduler import VerifyScheduler
 from verify_service.servicer import VerifierServicer
 
 
@@ -34,7 +35,8 @@ class RunningPair:
 @contextlib.contextmanager
 def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, options: ServerOptions | None = None,
                   metrics: ServiceMetrics | None = None, port: int = 0,
-                  cpu_kernels: str = DEFAULT_KERNELS) -> Iterator[tuple[str, SessionRegistry]]:
+                  cpu_kernels: str = DEFAULT_KERNELS, max_batch_sessions: int = 64, max_batch_tokens: int = 256,
+                  ) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
     sessions = SessionRegistry(options.max_sessions)
     servicer = VerifierServicer(sessions, metrics)
@@ -42,12 +44,15 @@ def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, o
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
     port = server.bind(f"127.0.0.1:{port}")
     server.start()
-    servicer.attach(TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32", cpu_kernels), max_tree_nodes))
+    verifier = TargetVerifier(load_causal_lm(str(target_dir), "cpu", "float32", cpu_kernels), max_tree_nodes)
+    scheduler = VerifyScheduler(verifier, max_batch_tokens, max_batch_sessions, metrics)
+    servicer.attach(scheduler)
     server.mark_serving()
     try:
         yield f"127.0.0.1:{port}", sessions
     finally:
         server.stop(0)
+        scheduler.close()
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from duo_common.serve_cli import ServeSettings, common_serve_options, setup_proc
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
+from verify_service.scheduler import VerifyScheduler
 from verify_service.servicer import VerifierServicer
 
 log = logging.getLogger("duo.verify")
@@ -36,15 +37,25 @@ def main() -> None:
               envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
 @click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
               envvar="DUO_VERIFY_CPU_KERNELS", show_envvar=True, help=KERNELS_HELP)
+@click.option("--max-batch-tokens", type=click.IntRange(1, 65536), default=256, show_default=True,
+              envvar="DUO_VERIFY_MAX_BATCH_TOKENS", show_envvar=True,
+              help="Tokens one forward pass scores at most, over all sessions (a larger proposal runs alone).")
+@click.option("--max-batch-sessions", type=click.IntRange(1, 4096), default=64, show_default=True,
+              envvar="DUO_VERIFY_MAX_BATCH_SESSIONS", show_envvar=True,
+              help="Sessions one forward pass serves at most (1: no batching).")
 @common_serve_options("DUO_VERIFY")
-def serve(model, device, dtype, max_tree_nodes, cpu_kernels, settings: ServeSettings):
+def serve(model, device, dtype, max_tree_nodes, cpu_kernels, max_batch_tokens, max_batch_sessions,
+          settings: ServeSettings):
     """Serve the Verifier RPCs."""
     setup_process(settings)
     metrics = ServiceMetrics("verify")
     servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions), metrics)
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
                           model)
-    servicer.attach(TargetVerifier(load_causal_lm(model, device, dtype, cpu_kernels), max_tree_nodes))
+    verifier = TargetVerifier(load_causal_lm(model, device, dtype, cpu_kernels), max_tree_nodes)
+    servicer.attach(VerifyScheduler(verifier, max_batch_tokens, max_batch_sessions, metrics))
+    log.info("sessions share forward passes: %s", "yes" if verifier.batches and max_batch_sessions > 1 else
+             "no (one session per pass with this model)" if max_batch_sessions > 1 else "no (--max-batch-sessions 1)")
     server.mark_serving()
     log.info("serving")
     server.serve_until_signal(settings.grace_s)

@@ -5,35 +5,45 @@ verdict and fed at the front of the next forward). A proposal is scored as [pend
 a chain with the plain causal mask, a tree with an ancestor mask and depth-based positions (when the
 model passed the tree-attention self-check at load; otherwise it takes chains only). Afterwards the cache
 keeps the pending token and the accepted path only.
+
+Prefills and verifications are *jobs*: generators that validate their input when first advanced, yield
+the tokens they need scored (``NewTokens``; a prompt in chunks of ``prefill_chunk_tokens``) and receive
+each pass's logits, then return their outcome. The scheduler (``verify_service.scheduler``) runs the
+waiting jobs of many sessions in one pass; ``open`` and ``verify`` run one job alone (tests, tools).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
+from typing import Generator
 
 import torch
 from transformers import DynamicCache
 
+from duo_common import batched_forward
 from duo_common.acceptance import Acceptance, accept_greedy, accept_sampled
+from duo_common.batched_forward import NewTokens
+from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.errors import InvalidArgument
 from duo_common.kv_cache import new_cache
 from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
 from duo_common.params import DecodingParams
 from duo_common.sampling import logits_to_probs, make_generator, sample
 from duo_common.tree import TokenTree
-from duo_common.tree_attention import supports_tree_attention, tree_attention_inputs
+from duo_common.tree_attention import supports_tree_attention
 
 
-@dataclass
+@dataclass(eq=False)
 class TargetSession:
+    prompt: tuple[int, ...]
     params: DecodingParams
     generator: torch.Generator
     cache: DynamicCache
-    cached_tokens: int  # sequence positions held in the cache
-    pending_token: int  # committed, not yet in the cache
+    cached_tokens: int = 0  # sequence positions held in the cache
+    pending_token: int | None = None  # committed, not yet in the cache (None: not prefilled yet)
 
 
 @dataclass(frozen=True)
@@ -49,22 +59,42 @@ class VerifyOutcome:
     compute_s: float
 
 
-class TargetVerifier:
-    """Owns the target model; sessions share it, one forward pass at a time."""
+@dataclass(frozen=True)
+class Scored:
+    """What a job receives after a pass: its rows' logits, and the seconds the pass took."""
 
-    def __init__(self, loaded: LoadedModel, max_tree_nodes: int = 64, tree_attention: bool | None = None):
+    logits: torch.Tensor
+    pass_s: float
+
+
+Job = Generator[NewTokens, Scored, object]
+
+
+class TargetVerifier:
+    """Owns the target model; sessions share it, one forward pass at a time (a pass may serve many)."""
+
+    def __init__(self, loaded: LoadedModel, max_tree_nodes: int = 64, tree_attention: bool | None = None,
+                 prefill_chunk_tokens: int | None = None):
         self.model = loaded.model
         if tree_attention is None:
             tree_attention = supports_tree_attention(loaded.model)
         self.info = replace(loaded.info, max_tree_nodes=max_tree_nodes, tree_attention=tree_attention)
         self.max_tree_nodes = max_tree_nodes
-        self._device = next(self.model.parameters()).device
+        self.batches = batched_forward.runs_together(self.model)
+        # Where sessions share passes, a prompt is prefilled in chunks that fit a shared pass, so a long one
+        # holds the others up for one chunk at a time; elsewhere in one piece.
+        if prefill_chunk_tokens is None:
+            prefill_chunk_tokens = SHORT_QUERY_TOKENS if self.batches else self.info.max_context_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self._forward_lock = threading.Lock()
-        # A prefill needs the last position's logits only; models that can skip the others say so.
-        takes_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._last_logits_only = {"logits_to_keep": 1} if takes_keep else {}
+        self._sessions: weakref.WeakSet[TargetSession] = weakref.WeakSet()  # those still referenced somewhere
 
-    def open(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> Prefill:
+    def cached_tokens(self) -> int:
+        """Positions held in the KV caches of all live sessions."""
+        return sum(session.cached_tokens for session in list(self._sessions))
+
+    def new_session(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> TargetSession:
+        """A session for this prompt (checked), not prefilled yet."""
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: give at least one token")
         self._check_ids(prompt_ids, "prompt")
@@ -73,16 +103,44 @@ class TargetVerifier:
                 f"the prompt has {len(prompt_ids)} tokens; the target's context holds {self.info.max_context_tokens} "
                 "including at least one new token"
             )
-        started = time.perf_counter()
-        cache = new_cache(self.model.config)
-        logits = self._forward(list(prompt_ids), cache, None, past=0, **self._last_logits_only)[-1:]
-        generator = make_generator(params.seed)
-        probs = logits_to_probs(logits, params)[0]
-        first = int(probs.argmax()) if params.is_greedy else sample(probs, generator)
-        session = TargetSession(params, generator, cache, len(prompt_ids), first)
-        return Prefill(session, first, time.perf_counter() - started)
+        session = TargetSession(tuple(prompt_ids), params, make_generator(params.seed), new_cache(self.model.config))
+        self._sessions.add(session)
+        return session
 
-    def verify(self, session: TargetSession, tree: TokenTree) -> VerifyOutcome:
+    def prefill_job(self, session: TargetSession) -> Job:
+        """The job that prefills the session's prompt and picks its first token; returns a ``Prefill``."""
+        compute_s = 0.0
+        prompt, chunk = session.prompt, self.prefill_chunk_tokens
+        for start in range(0, len(prompt), chunk):
+            last = start + chunk >= len(prompt)
+            scored = yield NewTokens(prompt[start:start + chunk], session.cache, kept_logits=1 if last else 0)
+            compute_s += scored.pass_s
+        probs = logits_to_probs(scored.logits[-1:], session.params)[0]
+        first = int(probs.argmax()) if session.params.is_greedy else sample(probs, session.generator)
+        session.cached_tokens, session.pending_token = len(prompt), first
+        return Prefill(session, first, compute_s)
+
+    def verify_job(self, session: TargetSession, tree: TokenTree) -> Job:
+        """The job that scores a proposal and keeps what the target accepts; returns a ``VerifyOutcome``."""
+        self.check_proposal(session, tree)
+        past = session.cached_tokens
+        tokens = (session.pending_token, *tree.token_ids)
+        if tree.is_chain:
+            scored = yield NewTokens(tokens, session.cache, kept_logits=len(tokens))
+        else:
+            visible = torch.cat([torch.ones(len(tokens), past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+            positions = (past, *(past + depth for depth in tree.depths()))
+            scored = yield NewTokens(tokens, session.cache, positions, visible, kept_logits=len(tokens))
+        if session.params.is_greedy:
+            acceptance = accept_greedy(tree, scored.logits)
+        else:
+            acceptance = accept_sampled(tree, logits_to_probs(scored.logits, session.params), session.generator)
+        self._keep_accepted(session, tree, acceptance)
+        return VerifyOutcome(acceptance, scored.pass_s)
+
+    def check_proposal(self, session: TargetSession, tree: TokenTree) -> None:
+        if session.pending_token is None:
+            raise InvalidArgument("the session is not prefilled yet")
         tree.validate(self.info.vocab_size, self.max_tree_nodes)
         if not tree.is_chain and not self.info.tree_attention:
             raise InvalidArgument(
@@ -95,17 +153,30 @@ class TargetVerifier:
             raise InvalidArgument(
                 f"the proposal would run past the target's context of {self.info.max_context_tokens} tokens"
             )
-        started = time.perf_counter()
-        past = session.cached_tokens
-        tokens = [session.pending_token, *tree.token_ids]
-        tree_shape = None if tree.is_chain else tree
-        logits = self._forward(tokens, session.cache, tree_shape, past=past)
-        if session.params.is_greedy:
-            acceptance = accept_greedy(tree, logits)
-        else:
-            acceptance = accept_sampled(tree, logits_to_probs(logits, session.params), session.generator)
-        self._keep_accepted(session, tree, acceptance)
-        return VerifyOutcome(acceptance, time.perf_counter() - started)
+
+    def forward(self, batch: list[NewTokens]) -> list[torch.Tensor]:
+        """One pass over the batch's sequences (``batched_forward.forward``): each one's kept logits."""
+        with self._forward_lock:
+            return batched_forward.forward(self.model, batch, SHORT_QUERY_TOKENS)
+
+    def open(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> Prefill:
+        """A new session prefilled alone, outside any scheduler."""
+        return self.run_alone(self.prefill_job(self.new_session(prompt_ids, params)))
+
+    def verify(self, session: TargetSession, tree: TokenTree) -> VerifyOutcome:
+        """A proposal verified alone, outside any scheduler."""
+        return self.run_alone(self.verify_job(session, tree))
+
+    def run_alone(self, job: Job):
+        """Drive one job to its outcome, one pass per step."""
+        try:
+            tokens = next(job)
+            while True:
+                started = time.perf_counter()
+                logits = self.forward([tokens])[0]
+                tokens = job.send(Scored(logits, time.perf_counter() - started))
+        except StopIteration as finished:
+            return finished.value
 
     def _keep_accepted(self, session: TargetSession, tree: TokenTree, acceptance: Acceptance) -> None:
         accepted = acceptance.accepted_nodes
@@ -117,17 +188,6 @@ class TargetVerifier:
             select_cache_positions(session.cache, session.cached_tokens + 1, positions)
         session.cached_tokens = keep
         session.pending_token = acceptance.next_token
-
-    def _forward(self, tokens: list[int], cache: DynamicCache, tree: TokenTree | None, past: int,
-                 **kwargs) -> torch.Tensor:
-        """Logits [len(tokens), vocab] (float32, CPU) for tokens placed after ``past`` cached positions (fewer
-        rows, the last ones, with ``logits_to_keep``)."""
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
-        if isinstance(tree, TokenTree):
-            kwargs.update(tree_attention_inputs(tree, past, self.model.dtype, self._device))
-        with self._forward_lock, torch.inference_mode():
-            output = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs)
-        return output.logits[0].float().cpu()
 
     def _check_ids(self, ids: tuple[int, ...], what: str) -> None:
         bad = [i for i in ids if not 0 <= i < self.info.vocab_size]

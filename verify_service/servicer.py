@@ -1,4 +1,5 @@
-"""The Verifier gRPC servicer: a thin layer between protobuf and TargetVerifier."""
+"""The Verifier gRPC servicer: a thin layer between protobuf and the scheduler that runs every session's work
+on the TargetVerifier."""
 
 from __future__ import annotations
 
@@ -12,30 +13,30 @@ from duo_common.rpc import translate_errors
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
-from verify_service.engine import TargetVerifier
+from verify_service.scheduler import VerifyScheduler
 
 log = logging.getLogger(__name__)
 
 
 class VerifierServicer(duo_pb2_grpc.VerifierServicer):
     def __init__(self, sessions: SessionRegistry, metrics: ServiceMetrics | None = None):
-        self._loaded: TargetVerifier | None = None
+        self._loaded: VerifyScheduler | None = None
         self._sessions = sessions
         self._metrics = metrics or ServiceMetrics("verify")
 
-    def attach(self, verifier: TargetVerifier) -> None:
+    def attach(self, scheduler: VerifyScheduler) -> None:
         """Start serving with a loaded model (the server is up, answering UNAVAILABLE, while it loads)."""
-        self._loaded = verifier
+        self._loaded = scheduler
 
     @property
-    def _verifier(self) -> TargetVerifier:
+    def _scheduler(self) -> VerifyScheduler:
         if self._loaded is None:
             raise Unavailable("the target model is still loading; retry shortly")
         return self._loaded
 
     @translate_errors
     def GetModelInfo(self, request, context):
-        return codec.model_info_to_pb(self._verifier.info)
+        return codec.model_info_to_pb(self._scheduler.verifier.info)
 
     @translate_errors
     def Verify(self, request_iterator, context):
@@ -43,13 +44,14 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
         if opening is None or opening.WhichOneof("message") != "open":
             raise FailedPrecondition("a Verify stream must start with VerifyOpen")
         session_id = opening.open.session_id or uuid.uuid4().hex
-        vocab_size = self._verifier.info.vocab_size
+        scheduler = self._scheduler
+        vocab_size = scheduler.verifier.info.vocab_size
         prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
         params = codec.decoding_from_pb(opening.open.decoding)
         metrics = self._metrics
         with self._sessions.hold(session_id), metrics.sessions_active.track_inprogress():
             metrics.sessions_total.inc()
-            prefill = self._verifier.open(prompt, params)
+            prefill = scheduler.prefill(scheduler.verifier.new_session(prompt, params))
             metrics.prefill_seconds.observe(prefill.compute_s)
             log.info("session %s: prefilled %d tokens in %.3f s", session_id, len(prompt), prefill.compute_s)
             yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s))
@@ -63,7 +65,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                             f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
                         )
                     tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
-                    outcome = self._verifier.verify(prefill.session, tree)
+                    outcome = scheduler.verify(prefill.session, tree)
                     metrics.record_verdict(len(tree), len(outcome.acceptance.accepted_nodes), outcome.compute_s)
                     yield pb.VerifyResponse(verdict=pb.Verdict(
                         round=expected_round,
