@@ -2,7 +2,8 @@
 
 From the timings each round reports, the controller keeps running estimates of
   draft_s_per_token   drafter compute per drafted token
-  verify_s(n)         verifier compute for a proposal of n nodes, measured per size
+  verify_s(n)         verifier compute for a proposal of n nodes, measured per size; where the verifier
+                      batches sessions, per size of its whole pass (below)
   network_s           round trip minus verifier compute (network, queues, serialisation)
   a_d                 acceptance at depth d: the chance the target accepts draft token d given that it
                       accepted the d - 1 before it, measured per depth
@@ -27,6 +28,13 @@ delayed the proposal, measured per proposal size (drafting ahead stops when the 
 RTT + T_verify(k). Drafting ahead keeps part of the next tree, so this delay grows more slowly with k than
 the whole proposal's drafting, and larger budgets pay sooner than the hit/miss model says.
 
+A verifier that batches sessions scores every session's proposal in one pass, whose time grows with all of
+them: the controller then measures the pass's time per number of tokens in it, and costs a budget of k as a
+pass in which each of the sessions that share it (measured: their mean number) proposes k. Each session
+choosing that way maximises the committed tokens of the whole pass per second (SmartSpec's goodput), so
+proposals shrink as the verifier fills up: a draft token that the target would accept half the time costs
+the same row as a session's own next token, which it always gets.
+
 Acceptance is measured per depth because it is not the same at every depth: a distilled draft's agreement
 comes in runs (easy stretches of text, where it keeps agreeing, and hard ones, where it misses at once), so
 a_1 is low and the later a_d are high. One pooled rate would make long proposals look worse than they are.
@@ -44,20 +52,23 @@ class BudgetModel:
     """A snapshot of the estimates; ``best_budget`` and ``tokens_per_s`` are pure functions of it."""
 
     draft_s_per_token: float
-    verify_points: tuple[tuple[int, float], ...]  # (proposal size, verifier seconds), sizes ascending
+    # (n, seconds of a verifier pass over n + 1 tokens, as a session alone proposing n nodes makes), ascending
+    verify_points: tuple[tuple[int, float], ...]
     network_s: float
     acceptance: tuple[float, ...]  # a_1, a_2, ...: acceptance at each depth; deeper depths repeat the last
     depth_points: tuple[tuple[int, float], ...] = ()  # (proposal size, mean tree depth); none: chains
     # (proposal size, drafting that delayed sending the proposal): none when the drafter does not report
     # what it drafted ahead; then a round is modelled from the draft's cost per token and the hit rate
     delay_points: tuple[tuple[int, float], ...] = ()
+    sharing: float = 1.0  # sessions per verifier pass (a verifier that batches); each proposes as much
 
     def verify_s(self, nodes: int) -> float:
-        """Verifier compute for a proposal of ``nodes``: measured, else linearly inter-/extrapolated.
+        """Verifier compute for a proposal of ``nodes`` in a pass shared by ``sharing`` sessions proposing as
+        many: measured, else linearly inter-/extrapolated.
 
         Measured, not assumed linear: on a CPU the cost of a forward jumps from 1 to 2 tokens and then
         flattens (matrix kernels change with the row count)."""
-        return _interpolated(self.verify_points, nodes)
+        return _interpolated(self.verify_points, round(self.sharing * (nodes + 1)) - 1)
 
     def acceptance_at(self, depth: int) -> float:
         """a_depth (depth >= 1), clamped to [0, 1]."""
@@ -190,6 +201,8 @@ class AdaptiveBudget:
         self._depth: dict[int, _Ewma] = {}  # proposal size → tree depth (as the drafter reports it)
         self._delay: dict[int, _Ewma] = {}  # proposal size → drafting that delayed sending it
         self._drafter_reports_ahead = False  # a drafter that says what it drafted ahead (RoundTimings)
+        self._sharing = _Ewma(1.0, weight)  # sessions per verifier pass
+        self._verified_without_proposal = False
         self._rounds = 0
         self._rounds_since_proposal = 0
         self.budget = config.initial_budget
@@ -206,7 +219,7 @@ class AdaptiveBudget:
         if self._draft_s_per_token.samples == 0:
             return None
         best = self.model().best_budget(self.config.max_budget, self.config.min_budget)
-        if self.config.min_budget == 0 and 0 not in self._verify_s and self._rounds >= 2:
+        if self.config.min_budget == 0 and not self._verified_without_proposal and self._rounds >= 2:
             best = 0  # measure the verifier alone once
         elif best == 0 and self._rounds_since_proposal >= self.config.probe_every:
             best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
@@ -221,7 +234,11 @@ class AdaptiveBudget:
         if timings.draft_tokens > 0:
             self._draft_s_per_token.update(timings.draft_compute_s / timings.draft_tokens)
         self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
-        estimate = self._verify_s.setdefault(timings.proposal_size, _Ewma(timings.verify_compute_s, self.config.smoothing))
+        self._verified_without_proposal |= timings.proposal_size == 0
+        # A pass over t tokens costs what a session alone proposing t - 1 nodes would.
+        size = timings.verify_batch_tokens - 1 if timings.verify_batch_tokens else timings.proposal_size
+        self._sharing.update(timings.verify_batch_sessions or 1)
+        estimate = self._verify_s.setdefault(size, _Ewma(timings.verify_compute_s, self.config.smoothing))
         estimate.update(timings.verify_compute_s)
         # A tree's deepest path bounds what can be accepted; a drafter that does not say treats it as a chain.
         depth = timings.proposal_depth or timings.proposal_size
@@ -241,4 +258,5 @@ class AdaptiveBudget:
             depth_points=tuple(sorted((size, ewma.value) for size, ewma in self._depth.items())),
             delay_points=tuple(sorted((size, ewma.value) for size, ewma in self._delay.items()))
             if self._drafter_reports_ahead else (),
+            sharing=self._sharing.value,
         )

@@ -31,6 +31,7 @@ class EmbeddedConfig:
     draft_dtype: str = "auto"
     cpu_kernels: str = "auto"  # both services' --cpu-kernels
     start_timeout_s: float = 600.0
+    verify_options: tuple[str, ...] = ()  # more ``duo-verify serve`` options (benchmarks: batching off)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
         verify = stack.enter_context(_child("verify", [
             "verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
             "--device", config.verify_device, "--dtype", config.verify_dtype, "--cpu-kernels", config.cpu_kernels,
+            *config.verify_options,
         ], work))
         verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
         draft = stack.enter_context(_child("draft", [

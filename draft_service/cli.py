@@ -10,13 +10,14 @@ from pathlib import Path
 import click
 
 from draft_service.servicer import DrafterConfig, DrafterServicer
+from duo_common import batched_forward
 from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
 from duo_common.default_models import DEFAULT_DRAFT
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
 from duo_common.security import ChannelSecurity, read_token
-from duo_common.serve_cli import ServeSettings, common_serve_options, setup_process, start_server
+from duo_common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
 from duo_common.sessions import SessionRegistry
 from duo_common.tree import DEFAULT_MAX_BRANCHES
 from protos import duo_pb2_grpc
@@ -84,7 +85,8 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
     ])
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
                            context_copy=context_copy, verify_timeout_s=verify_timeout_s,
-                           max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens)
+                           max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                           max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions)
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
                                verify_security.metadata)
@@ -92,11 +94,14 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
                           model)
     if dtype == "auto" and packed_kernels_will_run(cpu_kernels):
         dtype = "float32"
-    servicer.attach(load_causal_lm(model, "cpu", dtype, cpu_kernels))
+    loaded = load_causal_lm(model, "cpu", dtype, cpu_kernels)
+    servicer.attach(loaded)
+    log_batching(batched_forward.runs_together(loaded.model), settings)
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()
     log.info("serving; verifier at %s", verify_addr)
     server.serve_until_signal(settings.grace_s)
+    servicer.close()
 
 
 def _wait_for_compatible_verifier(servicer: DrafterServicer, verify_addr: str, wait_s: float) -> None:

@@ -7,6 +7,7 @@ events into protobuf. The loop itself lives in ``speculation``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import uuid
@@ -19,12 +20,14 @@ from draft_service.prompts import PromptEncoder
 from draft_service.speculation import SessionPlan, SpeculativeSession
 from draft_service.tree_drafter import TreeDrafter
 from draft_service.verifier_link import GrpcVerifierLink
-from duo_common import codec
+from duo_common import batched_forward, codec
 from duo_common.compat import check_compatible
+from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.events import CommittedEvent, GenerationEvent
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import LoadedModel, ModelInfo
+from duo_common.pass_scheduler import PassScheduler
 from duo_common.rpc import translate_errors
 from duo_common.sessions import SessionRegistry
 from duo_common.stopping import StopChecker
@@ -44,6 +47,8 @@ class DrafterConfig:
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
     max_prompt_tokens: int | None = None  # None: whatever the target's context holds
+    max_batch_tokens: int = 256  # draft forwards of all sessions share passes (duo_common.pass_scheduler)
+    max_batch_sessions: int = 64
 
 
 class BudgetHolder:
@@ -94,11 +99,20 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         self._loaded: LoadedModel | None = None
         self._encoder: PromptEncoder | None = None
         self._tree_attention = False  # whether the draft model takes a tree attention mask
+        self._passes: PassScheduler | None = None
 
     def attach(self, loaded: LoadedModel) -> None:
         self._tree_attention = supports_tree_attention(loaded.model)
+        config = self._config
+        self._passes = PassScheduler(functools.partial(batched_forward.forward, loaded.model, fits_together=SHORT_QUERY_TOKENS),
+                                     config.max_batch_tokens, config.max_batch_sessions, self._metrics, name="draft-passes")
         self._loaded = loaded
         self._encoder = PromptEncoder(loaded.tokenizer)
+
+    def close(self) -> None:
+        """Stop the draft passes (after the server has stopped)."""
+        if self._passes is not None:
+            self._passes.close()
 
     def target_info(self, timeout_s: float = 10.0) -> ModelInfo:
         """The verifier's model, checked against ours: FAILED_PRECONDITION for an incompatible pair."""
@@ -149,7 +163,7 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
 
         def make_drafter() -> TreeDrafter:
             return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees,
-                               self._config.context_copy)
+                               self._config.context_copy, self._passes)
 
         link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata)
         session = SpeculativeSession(plan, link, make_drafter, stop, budget)

@@ -114,6 +114,8 @@ class SpeculativeSession:
                 draft_tokens=(drafter.tokens_drafted - draft_before[1]) if drafter else 0,
                 proposal_depth=max(tree.depths(), default=0),
                 draft_ahead_s=(drafter.compute_s - ahead_from) if drafter else 0.0,
+                verify_batch_sessions=verdict.batch_sessions,
+                verify_batch_tokens=verdict.batch_tokens,
             )
             self._account(timings)
             new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]

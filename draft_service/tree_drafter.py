@@ -22,12 +22,15 @@ import torch
 
 from draft_service.context_copy import ContextCopy
 from draft_service.draft_tree import MAX_WIDTH, CalibratedProbability, DraftTree, RankAcceptance
+from duo_common import batched_forward
+from duo_common.batched_forward import NewTokens
+from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.kv_cache import new_cache
 from duo_common.models import select_cache_positions, truncate_cache
 from duo_common.params import DecodingParams
+from duo_common.pass_scheduler import PassScheduler
 from duo_common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
 from duo_common.tree import ROOT, TokenTree
-from duo_common.tree_attention import attention_inputs
 
 
 class TreeDrafter:
@@ -41,8 +44,10 @@ class TreeDrafter:
         max_branches: Callable[[], int] = lambda: 1,
         tree_attention: bool = False,
         context_copy: bool = True,
+        passes: PassScheduler | None = None,
     ):
         self._model = model
+        self._passes = passes  # forward passes shared with the service's other sessions (None: alone)
         self._device = next(model.parameters()).device
         self._params = params
         self._generator = make_generator(derived_seed(params.seed, "draft"))
@@ -117,7 +122,7 @@ class TreeDrafter:
         try:
             if self._fed < len(self._committed):
                 tail = self._committed[self._fed:]
-                logits = self._forward(tail, None)
+                logits = self._forward(tail, None, kept_logits=1)
                 self._fed = len(self._committed)
                 self._tree.set_next_probs(ROOT, self._probs(logits[-1], ROOT))
                 return True
@@ -144,7 +149,7 @@ class TreeDrafter:
             added.append(self._tree.add(candidate.parent, token, candidate.prior, draft_probs))
         if not added:
             return False
-        logits = self._forward([self._tree.nodes[node].token for node in added], added)
+        logits = self._forward([self._tree.nodes[node].token for node in added], added, kept_logits=len(added))
         for row, node in enumerate(added):
             self._tree.set_next_probs(node, self._probs(logits[row], node))
         self.tokens_drafted += len(added)
@@ -167,21 +172,23 @@ class TreeDrafter:
         path = tuple(self._tree.nodes[n].token for n in self._tree.ancestors(node))
         return self._copy.mix(probs, self._copy.suggest(path))
 
-    def _forward(self, tokens: list[int], nodes: list[int] | None) -> torch.Tensor:
-        """Logits [len(tokens), vocab] (float32, CPU); ``nodes``: the tree nodes being fed (None: committed)."""
-        kwargs = {}
+    def _forward(self, tokens: list[int], nodes: list[int] | None, kept_logits: int) -> torch.Tensor:
+        """Logits [kept_logits, vocab] (float32, CPU) of the last fed rows; ``nodes``: the tree nodes being fed
+        (None: committed tokens)."""
+        positions = visible = None
         if nodes is not None and not self._extends_chain(nodes):
-            kwargs = self._tree_inputs(nodes)
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self._device)
-        with torch.inference_mode():
-            output = self._model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, **kwargs)
-        return output.logits[0].float().cpu()
+            positions, visible = self._tree_layout(nodes)
+        tokens = NewTokens(tuple(tokens), self._cache, positions, visible, kept_logits)
+        if self._passes is not None:
+            return self._passes.forward(self, tokens)
+        return batched_forward.forward(self._model, [tokens], SHORT_QUERY_TOKENS)[0]
 
     def _extends_chain(self, nodes: list[int]) -> bool:
         """One new node below all the others: the plain causal mask is already right."""
         return len(nodes) == 1 and len(self._tree.ancestors(nodes[0])) == len(self._tree)
 
-    def _tree_inputs(self, nodes: list[int]) -> dict:
+    def _tree_layout(self, nodes: list[int]) -> tuple[tuple[int, ...], torch.Tensor]:
+        """Positions and visibility [nodes, cached + nodes] of the tree's newest ``nodes``."""
         first = len(self._tree) - len(nodes)  # the new nodes are the last ones
         visible = torch.zeros(len(nodes), self._fed + len(self._tree), dtype=torch.bool)
         visible[:, : self._fed] = True
@@ -190,7 +197,7 @@ class TreeDrafter:
             assert node == first + row
             visible[row, [self._fed + ancestor for ancestor in self._tree.ancestors(node)]] = True
             positions.append(len(self._committed) - 1 + self._tree.depth(node))
-        return attention_inputs(visible, torch.tensor(positions, dtype=torch.long), self._model.dtype, self._device)
+        return tuple(positions), visible
 
 
 def _pad_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

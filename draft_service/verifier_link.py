@@ -30,6 +30,8 @@ class VerdictReply:
     next_token: int
     compute_s: float
     round_trip_s: float  # drafter-measured, send to receipt
+    batch_sessions: int = 0  # sessions and tokens of the verifier's pass (0: not said)
+    batch_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class GrpcVerifierLink:
             next_token=verdict.next_token_id,
             compute_s=verdict.compute_s,
             round_trip_s=received_at - self._sent_at.pop(verdict.round, received_at),
+            batch_sessions=verdict.batch_sessions,
+            batch_tokens=verdict.batch_tokens,
         )
 
     def close(self) -> None:

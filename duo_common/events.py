@@ -18,6 +18,8 @@ class RoundTimings:
     draft_tokens: int = 0  # draft forward steps behind draft_compute_s (the proposal and drafting ahead)
     proposal_depth: int = 0  # longest path of the proposed tree (= proposal_size for a chain); 0: unknown
     draft_ahead_s: float = 0.0  # of draft_compute_s, drafted ahead behind verification (0: none or not said)
+    verify_batch_sessions: int = 0  # sessions the verifier's pass served (it batches); 0: not said
+    verify_batch_tokens: int = 0  # tokens that pass scored, over all its sessions
 
 
 @dataclass(frozen=True)

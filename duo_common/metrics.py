@@ -25,15 +25,15 @@ class ServiceMetrics:
                                         buckets=_LATENCY_BUCKETS, **labels)
         self.prefill_seconds = Histogram("duo_prefill_compute_seconds", "Target prefill per session",
                                          buckets=_LATENCY_BUCKETS, **labels)
-        self.batch_sessions = Histogram("duo_verify_batch_sessions", "Sessions scored per forward pass",
-                                        buckets=_SIZE_BUCKETS, **labels)
-        self.batch_tokens = Histogram("duo_verify_batch_tokens", "Tokens scored per forward pass",
+        # both services: forward passes shared by sessions (duo_common.pass_scheduler)
+        self.batch_sequences = Histogram("duo_batch_sequences", "Sessions' sequences scored per forward pass",
+                                         buckets=_SIZE_BUCKETS, **labels)
+        self.batch_tokens = Histogram("duo_batch_tokens", "Tokens scored per forward pass",
                                       buckets=_BATCH_TOKEN_BUCKETS, **labels)
-        self.queue_wait_seconds = Histogram("duo_verify_queue_wait_seconds",
-                                            "Wait of a prefill chunk or proposal for its forward pass",
+        self.queue_wait_seconds = Histogram("duo_queue_wait_seconds", "Wait of a session's work for its forward pass",
                                             buckets=_LATENCY_BUCKETS, **labels)
-        self.waiting_sessions = Gauge("duo_verify_waiting_sessions", "Sessions waiting for a forward pass", **labels)
-        self.kv_cache_tokens = Gauge("duo_verify_kv_cache_tokens", "Positions held in the KV caches of live sessions",
+        self.waiting_sequences = Gauge("duo_waiting_sequences", "Sessions' work waiting for a forward pass", **labels)
+        self.kv_cache_tokens = Gauge("duo_kv_cache_tokens", "Positions held in the KV caches of live sessions",
                                      **labels)
         self.num_drafts = Counter("duo_spec_decode_num_drafts", "Proposals verified", **labels)
         self.num_draft_tokens = Counter("duo_spec_decode_num_draft_tokens", "Draft tokens proposed", **labels)

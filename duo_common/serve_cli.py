@@ -36,6 +36,8 @@ class ServeSettings:
     log_level: str
     metrics_port: int | None
     server: ServerOptions
+    max_batch_tokens: int = 256  # forward passes shared by sessions (duo_common.pass_scheduler)
+    max_batch_sessions: int = 64
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -71,12 +73,17 @@ def common_serve_options(env_prefix: str):
         option("--max-message-mb", type=click.IntRange(1, 2047), default=64, help="Largest gRPC message."),
         option("--max-connection-age-s", type=click.FloatRange(0), default=None,
                help="Close client connections after this long (clients re-resolve DNS and find new replicas)."),
+        option("--max-batch-tokens", type=click.IntRange(1, 65536), default=256,
+               help="Tokens one forward pass takes at most, over all sessions (a larger piece of work runs alone)."),
+        option("--max-batch-sessions", type=click.IntRange(1, 4096), default=64,
+               help="Sessions one forward pass serves at most (1: each pass serves one session)."),
     ]
 
     def decorate(command):
         @functools.wraps(command)
         def wrapper(host, port, threads, max_sessions, grace_s, port_file, log_level, metrics_port, health_port,
-                    tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s, **rest):
+                    tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s, max_batch_tokens,
+                    max_batch_sessions, **rest):
             if (tls_cert is None) != (tls_key is None):
                 raise click.UsageError("--tls-cert and --tls-key go together")
             if tls_ca is not None and tls_cert is None:
@@ -94,7 +101,8 @@ def common_serve_options(env_prefix: str):
                 max_connection_age_s=max_connection_age_s or None,
                 connection_age_grace_s=max(grace_s, 3600.0),
             )
-            settings = ServeSettings(host, port, threads, grace_s, port_file, log_level, metrics_port, server)
+            settings = ServeSettings(host, port, threads, grace_s, port_file, log_level, metrics_port, server,
+                                     max_batch_tokens, max_batch_sessions)
             return command(settings=settings, **rest)
 
         return functools.reduce(lambda cmd, opt: opt(cmd), reversed(options), wrapper)
@@ -134,3 +142,14 @@ def announce_port(port_file: Path | None, port: int) -> None:
     staging = port_file.with_suffix(".tmp")
     staging.write_text(str(port))
     os.replace(staging, port_file)
+
+
+def log_batching(model_batches: bool, settings: ServeSettings) -> None:
+    """Say whether sessions will share forward passes."""
+    if settings.max_batch_sessions == 1:
+        how = "no (--max-batch-sessions 1)"
+    elif not model_batches:
+        how = "no: this model runs one session per pass (sessions share passes on duo's lean CPU runtime)"
+    else:
+        how = f"yes, up to {settings.max_batch_sessions} sessions and {settings.max_batch_tokens} tokens per pass"
+    logging.getLogger(__name__).info("sessions share forward passes: %s", how)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/duo.proto\x12\x06\x64uo.v1\"_\n\x0e\x44\x65\x63odingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStoppingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x14\n\x0cstop_strings\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"n\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x02 \x03(\x05\x12\x36\n\x13\x64raft_distributions\x18\x03 \x03(\x0b\x32\x19.duo.v1.DraftDistribution\"&\n\x11\x44raftDistribution\x12\x11\n\tprobs_f32\x18\x01 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xd4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x08 \x01(\r\x12\x16\n\x0etree_attention\x18\t \x01(\x08\"\xd1\x01\n\x0cRoundTimings\x12\x17\n\x0f\x64raft_compute_s\x18\x01 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\x02 \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\x03 \x01(\x01\x12\x15\n\rproposal_size\x18\x04 \x01(\r\x12\x15\n\raccepted_size\x18\x05 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x16\n\x0eproposal_depth\x18\x07 \x01(\r\x12\x15\n\rdraft_ahead_s\x18\x08 \x01(\x01\"d\n\rVerifyRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.duo.v1.VerifyOpenH\x00\x12$\n\x08proposal\x18\x02 \x01(\x0b\x32\x10.duo.v1.ProposalH\x00\x42\t\n\x07message\"d\n\nVerifyOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.duo.v1.DecodingParams\":\n\x08Proposal\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1f\n\x04tree\x18\x02 \x01(\x0b\x32\x11.duo.v1.TokenTree\"g\n\x0eVerifyResponse\x12&\n\tprefilled\x18\x01 \x01(\x0b\x32\x11.duo.v1.PrefilledH\x00\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.duo.v1.VerdictH\x00\x42\t\n\x07message\"6\n\tPrefilled\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"a\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"m\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.duo.v1.GenerateRequestH\x00\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.duo.v1.BudgetUpdateH\x00\x42\t\n\x07message\"\xbd\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.duo.v1.TokenIdsH\x00\x12 \n\x13\x61pply_chat_template\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12(\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12(\n\x08stopping\x18\x05 \x01(\x0b\x32\x16.duo.v1.StoppingParams\x12(\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x13.duo.v1.DraftBudgetH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nsequential\x18\x08 \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_apply_chat_templateB\t\n\x07_budget\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x0b\x44raftBudget\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"3\n\x0c\x42udgetUpdate\x12#\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"\x8a\x01\n\rGenerateEvent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.duo.v1.StartedH\x00\x12&\n\tcommitted\x18\x02 \x01(\x0b\x32\x11.duo.v1.CommittedH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.duo.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"Y\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"Y\n\tCommitted\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.duo.v1.RoundTimings\"f\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.duo.v1.FinishReason\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.duo.v1.GenerationStats\"\x8a\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x17\n\x0f\x64raft_compute_s\x18\x08 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\t \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\n \x01(\x01\x12\x1a\n\x12\x66inal_draft_budget\x18\x0b \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x84\x01\n\x08Verifier\x12;\n\x06Verify\x12\x15.duo.v1.VerifyRequest\x1a\x16.duo.v1.VerifyResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfo2\xc2\x01\n\x07\x44rafter\x12<\n\x07Session\x12\x16.duo.v1.SessionRequest\x1a\x15.duo.v1.GenerateEvent(\x01\x30\x01\x12<\n\x08Generate\x12\x17.duo.v1.GenerateRequest\x1a\x15.duo.v1.GenerateEvent0\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/duo.proto\x12\x06\x64uo.v1\"_\n\x0e\x44\x65\x63odingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStoppingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x14\n\x0cstop_strings\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"n\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x02 \x03(\x05\x12\x36\n\x13\x64raft_distributions\x18\x03 \x03(\x0b\x32\x19.duo.v1.DraftDistribution\"&\n\x11\x44raftDistribution\x12\x11\n\tprobs_f32\x18\x01 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xd4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x08 \x01(\r\x12\x16\n\x0etree_attention\x18\t \x01(\x08\"\x8d\x02\n\x0cRoundTimings\x12\x17\n\x0f\x64raft_compute_s\x18\x01 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\x02 \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\x03 \x01(\x01\x12\x15\n\rproposal_size\x18\x04 \x01(\r\x12\x15\n\raccepted_size\x18\x05 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x16\n\x0eproposal_depth\x18\x07 \x01(\r\x12\x15\n\rdraft_ahead_s\x18\x08 \x01(\x01\x12\x1d\n\x15verify_batch_sessions\x18\t \x01(\r\x12\x1b\n\x13verify_batch_tokens\x18\n \x01(\r\"d\n\rVerifyRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.duo.v1.VerifyOpenH\x00\x12$\n\x08proposal\x18\x02 \x01(\x0b\x32\x10.duo.v1.ProposalH\x00\x42\t\n\x07message\"d\n\nVerifyOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.duo.v1.DecodingParams\":\n\x08Proposal\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1f\n\x04tree\x18\x02 \x01(\x0b\x32\x11.duo.v1.TokenTree\"g\n\x0eVerifyResponse\x12&\n\tprefilled\x18\x01 \x01(\x0b\x32\x11.duo.v1.PrefilledH\x00\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.duo.v1.VerdictH\x00\x42\t\n\x07message\"6\n\tPrefilled\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"\x8f\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x05 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x06 \x01(\r\"m\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.duo.v1.GenerateRequestH\x00\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.duo.v1.BudgetUpdateH\x00\x42\t\n\x07message\"\xbd\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.duo.v1.TokenIdsH\x00\x12 \n\x13\x61pply_chat_template\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12(\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12(\n\x08stopping\x18\x05 \x01(\x0b\x32\x16.duo.v1.StoppingParams\x12(\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x13.duo.v1.DraftBudgetH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nsequential\x18\x08 \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_apply_chat_templateB\t\n\x07_budget\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x0b\x44raftBudget\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"3\n\x0c\x42udgetUpdate\x12#\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"\x8a\x01\n\rGenerateEvent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.duo.v1.StartedH\x00\x12&\n\tcommitted\x18\x02 \x01(\x0b\x32\x11.duo.v1.CommittedH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.duo.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"Y\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"Y\n\tCommitted\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.duo.v1.RoundTimings\"f\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.duo.v1.FinishReason\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.duo.v1.GenerationStats\"\x8a\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x17\n\x0f\x64raft_compute_s\x18\x08 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\t \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\n \x01(\x01\x12\x1a\n\x12\x66inal_draft_budget\x18\x0b \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x84\x01\n\x08Verifier\x12;\n\x06Verify\x12\x15.duo.v1.VerifyRequest\x1a\x16.duo.v1.VerifyResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfo2\xc2\x01\n\x07\x44rafter\x12<\n\x07Session\x12\x16.duo.v1.SessionRequest\x1a\x15.duo.v1.GenerateEvent(\x01\x30\x01\x12<\n\x08Generate\x12\x17.duo.v1.GenerateRequest\x1a\x15.duo.v1.GenerateEvent0\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.duo_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2600
-  _globals['_FINISHREASON']._serialized_end=2718
+  _globals['_FINISHREASON']._serialized_start=2707
+  _globals['_FINISHREASON']._serialized_end=2825
   _globals['_DECODINGPARAMS']._serialized_start=28
   _globals['_DECODINGPARAMS']._serialized_end=123
   _globals['_STOPPINGPARAMS']._serialized_start=125
@@ -46,41 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=382
   _globals['_MODELINFO']._serialized_end=594
   _globals['_ROUNDTIMINGS']._serialized_start=597
-  _globals['_ROUNDTIMINGS']._serialized_end=806
-  _globals['_VERIFYREQUEST']._serialized_start=808
-  _globals['_VERIFYREQUEST']._serialized_end=908
-  _globals['_VERIFYOPEN']._serialized_start=910
-  _globals['_VERIFYOPEN']._serialized_end=1010
-  _globals['_PROPOSAL']._serialized_start=1012
-  _globals['_PROPOSAL']._serialized_end=1070
-  _globals['_VERIFYRESPONSE']._serialized_start=1072
-  _globals['_VERIFYRESPONSE']._serialized_end=1175
-  _globals['_PREFILLED']._serialized_start=1177
-  _globals['_PREFILLED']._serialized_end=1231
-  _globals['_VERDICT']._serialized_start=1233
-  _globals['_VERDICT']._serialized_end=1330
-  _globals['_SESSIONREQUEST']._serialized_start=1332
-  _globals['_SESSIONREQUEST']._serialized_end=1441
-  _globals['_GENERATEREQUEST']._serialized_start=1444
-  _globals['_GENERATEREQUEST']._serialized_end=1761
-  _globals['_TOKENIDS']._serialized_start=1763
-  _globals['_TOKENIDS']._serialized_end=1786
-  _globals['_DRAFTBUDGET']._serialized_start=1788
-  _globals['_DRAFTBUDGET']._serialized_end=1849
-  _globals['_BUDGETUPDATE']._serialized_start=1851
-  _globals['_BUDGETUPDATE']._serialized_end=1902
-  _globals['_GENERATEEVENT']._serialized_start=1905
-  _globals['_GENERATEEVENT']._serialized_end=2043
-  _globals['_STARTED']._serialized_start=2045
-  _globals['_STARTED']._serialized_end=2134
-  _globals['_COMMITTED']._serialized_start=2136
-  _globals['_COMMITTED']._serialized_end=2225
-  _globals['_FINISHED']._serialized_start=2227
-  _globals['_FINISHED']._serialized_end=2329
-  _globals['_GENERATIONSTATS']._serialized_start=2332
-  _globals['_GENERATIONSTATS']._serialized_end=2598
-  _globals['_VERIFIER']._serialized_start=2721
-  _globals['_VERIFIER']._serialized_end=2853
-  _globals['_DRAFTER']._serialized_start=2856
-  _globals['_DRAFTER']._serialized_end=3050
+  _globals['_ROUNDTIMINGS']._serialized_end=866
+  _globals['_VERIFYREQUEST']._serialized_start=868
+  _globals['_VERIFYREQUEST']._serialized_end=968
+  _globals['_VERIFYOPEN']._serialized_start=970
+  _globals['_VERIFYOPEN']._serialized_end=1070
+  _globals['_PROPOSAL']._serialized_start=1072
+  _globals['_PROPOSAL']._serialized_end=1130
+  _globals['_VERIFYRESPONSE']._serialized_start=1132
+  _globals['_VERIFYRESPONSE']._serialized_end=1235
+  _globals['_PREFILLED']._serialized_start=1237
+  _globals['_PREFILLED']._serialized_end=1291
+  _globals['_VERDICT']._serialized_start=1294
+  _globals['_VERDICT']._serialized_end=1437
+  _globals['_SESSIONREQUEST']._serialized_start=1439
+  _globals['_SESSIONREQUEST']._serialized_end=1548
+  _globals['_GENERATEREQUEST']._serialized_start=1551
+  _globals['_GENERATEREQUEST']._serialized_end=1868
+  _globals['_TOKENIDS']._serialized_start=1870
+  _globals['_TOKENIDS']._serialized_end=1893
+  _globals['_DRAFTBUDGET']._serialized_start=1895
+  _globals['_DRAFTBUDGET']._serialized_end=1956
+  _globals['_BUDGETUPDATE']._serialized_start=1958
+  _globals['_BUDGETUPDATE']._serialized_end=2009
+  _globals['_GENERATEEVENT']._serialized_start=2012
+  _globals['_GENERATEEVENT']._serialized_end=2150
+  _globals['_STARTED']._serialized_start=2152
+  _globals['_STARTED']._serialized_end=2241
+  _globals['_COMMITTED']._serialized_start=2243
+  _globals['_COMMITTED']._serialized_end=2332
+  _globals['_FINISHED']._serialized_start=2334
+  _globals['_FINISHED']._serialized_end=2436
+  _globals['_GENERATIONSTATS']._serialized_start=2439
+  _globals['_GENERATIONSTATS']._serialized_end=2705
+  _globals['_VERIFIER']._serialized_start=2828
+  _globals['_VERIFIER']._serialized_end=2960
+  _globals['_DRAFTER']._serialized_start=2963
+  _globals['_DRAFTER']._serialized_end=3157
 # @@protoc_insertion_point(module_scope)

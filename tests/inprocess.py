@@ -74,6 +74,7 @@ def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterCon
         yield f"127.0.0.1:{port}", sessions
     finally:
         server.stop(0)
+        servicer.close()
         channel.close()
 
 

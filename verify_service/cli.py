@@ -10,7 +10,7 @@ from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
 from duo_common.default_models import DEFAULT_TARGET
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
-from duo_common.serve_cli import ServeSettings, common_serve_options, setup_process, start_server
+from duo_common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
@@ -37,15 +37,8 @@ def main() -> None:
               envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
 @click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
               envvar="DUO_VERIFY_CPU_KERNELS", show_envvar=True, help=KERNELS_HELP)
-@click.option("--max-batch-tokens", type=click.IntRange(1, 65536), default=256, show_default=True,
-              envvar="DUO_VERIFY_MAX_BATCH_TOKENS", show_envvar=True,
-              help="Tokens one forward pass scores at most, over all sessions (a larger proposal runs alone).")
-@click.option("--max-batch-sessions", type=click.IntRange(1, 4096), default=64, show_default=True,
-              envvar="DUO_VERIFY_MAX_BATCH_SESSIONS", show_envvar=True,
-              help="Sessions one forward pass serves at most (1: no batching).")
 @common_serve_options("DUO_VERIFY")
-def serve(model, device, dtype, max_tree_nodes, cpu_kernels, max_batch_tokens, max_batch_sessions,
-          settings: ServeSettings):
+def serve(model, device, dtype, max_tree_nodes, cpu_kernels, settings: ServeSettings):
     """Serve the Verifier RPCs."""
     setup_process(settings)
     metrics = ServiceMetrics("verify")
@@ -53,12 +46,13 @@ def serve(model, device, dtype, max_tree_nodes, cpu_kernels, max_batch_tokens, m
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
                           model)
     verifier = TargetVerifier(load_causal_lm(model, device, dtype, cpu_kernels), max_tree_nodes)
-    servicer.attach(VerifyScheduler(verifier, max_batch_tokens, max_batch_sessions, metrics))
-    log.info("sessions share forward passes: %s", "yes" if verifier.batches and max_batch_sessions > 1 else
-             "no (one session per pass with this model)" if max_batch_sessions > 1 else "no (--max-batch-sessions 1)")
+    scheduler = VerifyScheduler(verifier, settings.max_batch_tokens, settings.max_batch_sessions, metrics)
+    servicer.attach(scheduler)
+    log_batching(verifier.batches, settings)
     server.mark_serving()
     log.info("serving")
     server.serve_until_signal(settings.grace_s)
+    scheduler.close()
 
 
 if __name__ == "__main__":

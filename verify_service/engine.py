@@ -18,7 +18,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
-from typing import Generator
 
 import torch
 from transformers import DynamicCache
@@ -30,6 +29,7 @@ from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.errors import InvalidArgument
 from duo_common.kv_cache import new_cache
 from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
+from duo_common.pass_scheduler import Job, Scored
 from duo_common.params import DecodingParams
 from duo_common.sampling import logits_to_probs, make_generator, sample
 from duo_common.tree import TokenTree
@@ -56,18 +56,9 @@ class Prefill:
 @dataclass(frozen=True)
 class VerifyOutcome:
     acceptance: Acceptance
-    compute_s: float
-
-
-@dataclass(frozen=True)
-class Scored:
-    """What a job receives after a pass: its rows' logits, and the seconds the pass took."""
-
-    logits: torch.Tensor
-    pass_s: float
-
-
-Job = Generator[NewTokens, Scored, object]
+    compute_s: float  # the forward pass's seconds
+    batch_sessions: int = 1  # sessions that pass served
+    batch_tokens: int = 0  # tokens it scored, over all its sessions
 
 
 class TargetVerifier:
@@ -136,7 +127,7 @@ class TargetVerifier:
         else:
             acceptance = accept_sampled(tree, logits_to_probs(scored.logits, session.params), session.generator)
         self._keep_accepted(session, tree, acceptance)
-        return VerifyOutcome(acceptance, scored.pass_s)
+        return VerifyOutcome(acceptance, scored.pass_s, scored.pass_sequences, scored.pass_tokens)
 
     def check_proposal(self, session: TargetSession, tree: TokenTree) -> None:
         if session.pending_token is None:
@@ -174,7 +165,7 @@ class TargetVerifier:
             while True:
                 started = time.perf_counter()
                 logits = self.forward([tokens])[0]
-                tokens = job.send(Scored(logits, time.perf_counter() - started))
+                tokens = job.send(Scored(logits, time.perf_counter() - started, 1, len(tokens.token_ids)))
         except StopIteration as finished:
             return finished.value
 

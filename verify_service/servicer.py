@@ -72,7 +72,10 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                         accepted_node_indices=list(outcome.acceptance.accepted_nodes),
                         next_token_id=outcome.acceptance.next_token,
                         compute_s=outcome.compute_s,
+                        batch_sessions=outcome.batch_sessions,
+                        batch_tokens=outcome.batch_tokens,
                     ))
                     expected_round += 1
             finally:  # also when the drafter cancels the stream, its normal way to end a session
+                scheduler.forget(prefill.session)
                 log.info("session %s: ended after %d rounds", session_id, expected_round - 1)
