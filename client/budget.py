@@ -203,6 +203,7 @@ class AdaptiveBudget:
         self._drafter_reports_ahead = False  # a drafter that says what it drafted ahead (RoundTimings)
         self._sharing = _Ewma(1.0, weight)  # sessions per verifier pass
         self._verified_without_proposal = False
+        self._largest_proposal = config.initial_budget
         self._rounds = 0
         self._rounds_since_proposal = 0
         self.budget = config.initial_budget
@@ -225,7 +226,9 @@ class AdaptiveBudget:
             best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
         elif 0 < best < self.config.max_budget and self._rounds % self.config.probe_every == 0:
             best += 1  # now and then one depth deeper, so a pessimistic estimate there can recover
-        self.budget = best
+        # Grow at most to twice the largest proposal measured, plus one: the cost of sizes never tried is a
+        # guess, and a verifier that batches makes a large one expensive (many sessions' large proposals).
+        self.budget = min(best, 2 * self._largest_proposal + 1)
         return self.budget
 
     def _observe(self, timings: RoundTimings) -> None:
@@ -235,6 +238,7 @@ class AdaptiveBudget:
             self._draft_s_per_token.update(timings.draft_compute_s / timings.draft_tokens)
         self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
         self._verified_without_proposal |= timings.proposal_size == 0
+        self._largest_proposal = max(self._largest_proposal, timings.proposal_size)
         # A pass over t tokens costs what a session alone proposing t - 1 nodes would.
         size = timings.verify_batch_tokens - 1 if timings.verify_batch_tokens else timings.proposal_size
         self._sharing.update(timings.verify_batch_sessions or 1)

@@ -113,26 +113,27 @@ class TreeDrafter:
         return self._tree.proposal(chosen, with_probs=not self._params.is_greedy)
 
     def grow_ahead(self, target_nodes: int) -> bool:
-        """Draft ahead (while the verifier works) until the tree holds ``target_nodes`` × width nodes."""
-        return len(self._tree) < target_nodes * self.width and self.grow()
+        """Draft ahead (while the verifier works) until the tree holds ``target_nodes`` × width nodes; in
+        background passes where the draft model is shared (other sessions' proposals go first)."""
+        return len(self._tree) < target_nodes * self.width and self.grow(background=True)
 
-    def grow(self) -> bool:
+    def grow(self, background: bool = False) -> bool:
         """One forward pass: feed committed tokens not yet fed, else the best candidates. False: nothing to do."""
         started = time.perf_counter()
         try:
             if self._fed < len(self._committed):
                 tail = self._committed[self._fed:]
-                logits = self._forward(tail, None, kept_logits=1)
+                logits = self._forward(tail, None, 1, background)
                 self._fed = len(self._committed)
                 self._tree.set_next_probs(ROOT, self._probs(logits[-1], ROOT))
                 return True
             if self._tree.root_probs is None:
                 return False
-            return self._grow_tree()
+            return self._grow_tree(background)
         finally:
             self.compute_s += time.perf_counter() - started
 
-    def _grow_tree(self) -> bool:
+    def _grow_tree(self, background: bool) -> bool:
         width = self.width
         chosen = self._tree.next_batch(width, self._expandable, self._ranks)
         added = []
@@ -149,7 +150,7 @@ class TreeDrafter:
             added.append(self._tree.add(candidate.parent, token, candidate.prior, draft_probs))
         if not added:
             return False
-        logits = self._forward([self._tree.nodes[node].token for node in added], added, kept_logits=len(added))
+        logits = self._forward([self._tree.nodes[node].token for node in added], added, len(added), background)
         for row, node in enumerate(added):
             self._tree.set_next_probs(node, self._probs(logits[row], node))
         self.tokens_drafted += len(added)
@@ -172,15 +173,16 @@ class TreeDrafter:
         path = tuple(self._tree.nodes[n].token for n in self._tree.ancestors(node))
         return self._copy.mix(probs, self._copy.suggest(path))
 
-    def _forward(self, tokens: list[int], nodes: list[int] | None, kept_logits: int) -> torch.Tensor:
+    def _forward(self, tokens: list[int], nodes: list[int] | None, kept_logits: int, background: bool
+                 ) -> torch.Tensor:
         """Logits [kept_logits, vocab] (float32, CPU) of the last fed rows; ``nodes``: the tree nodes being fed
-        (None: committed tokens)."""
+        (None: committed tokens); ``background``: drafting ahead (``PassScheduler.run``)."""
         positions = visible = None
         if nodes is not None and not self._extends_chain(nodes):
             positions, visible = self._tree_layout(nodes)
         tokens = NewTokens(tuple(tokens), self._cache, positions, visible, kept_logits)
         if self._passes is not None:
-            return self._passes.forward(self, tokens)
+            return self._passes.forward(self, tokens, background)
         return batched_forward.forward(self._model, [tokens], SHORT_QUERY_TOKENS)[0]
 
     def _extends_chain(self, nodes: list[int]) -> bool:

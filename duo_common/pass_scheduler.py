@@ -32,6 +32,7 @@ from duo_common.batched_forward import NewTokens
 from duo_common.metrics import ServiceMetrics
 
 GATHER_SHARE = 0.25  # a pass waits for returning sessions at most this share of the last pass's duration
+BACKGROUND_PASS_TOKENS = 16  # largest pass of background work alone
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class _Waiting:
     owner: Hashable
     job: Job
     tokens: NewTokens
+    background: bool = False
     since: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: object = None
@@ -100,9 +102,12 @@ class PassScheduler:
         self._worker = threading.Thread(target=self._run_passes, name=name, daemon=True)
         self._worker.start()
 
-    def run(self, owner: Hashable, job: Job):
-        """Advance ``job`` (``owner``'s: a session, a drafter) through passes to its outcome; blocks."""
-        waiting = _Waiting(owner, job, next(job))  # the job checks its input here, in the caller's thread
+    def run(self, owner: Hashable, job: Job, background: bool = False):
+        """Advance ``job`` (``owner``'s: a session, a drafter) through passes to its outcome; blocks.
+        ``background`` work (a drafter drafting ahead) runs only in passes that no other work is waiting for,
+        of at most BACKGROUND_PASS_TOKENS tokens, so it never holds up work on a session's critical path
+        for longer than one such pass."""
+        waiting = _Waiting(owner, job, next(job), background)  # the job checks its input here, in the caller's thread
         with self._changed:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -114,9 +119,9 @@ class PassScheduler:
             raise waiting.error
         return waiting.outcome
 
-    def forward(self, owner: Hashable, tokens: NewTokens) -> torch.Tensor:
-        """One forward of ``tokens`` in the next pass: their kept logits."""
-        return self.run(owner, one_pass(tokens))
+    def forward(self, owner: Hashable, tokens: NewTokens, background: bool = False) -> torch.Tensor:
+        """One forward of ``tokens`` in the next pass (``run``): their kept logits."""
+        return self.run(owner, one_pass(tokens), background)
 
     def forget(self, owner: Hashable) -> None:
         """``owner`` has no more work: passes no longer wait for it."""
@@ -142,13 +147,23 @@ class PassScheduler:
                         waiting.finish(error=RuntimeError("the service is shutting down"))
                     self._queue.clear()
                     return
-                count = sequences_in_pass([len(w.tokens.token_ids) for w in self._queue], self.max_batch_tokens,
-                                          self.max_batch_sequences)
-                batch, self._queue[:count] = self._queue[:count], []
+                batch = self._next_batch()
             again, answered = self._run_pass(batch)
             with self._changed:
                 self._queue.extend(again)
                 self._returning.update(dict.fromkeys(answered))
+
+    def _next_batch(self) -> list[_Waiting]:
+        """Take the next pass's jobs off the queue: the oldest work that fits, or background work when no
+        other work waits. (Called locked.)"""
+        foreground = [w for w in self._queue if not w.background]
+        candidates, max_tokens = (foreground, self.max_batch_tokens) if foreground else \
+            (self._queue, min(self.max_batch_tokens, BACKGROUND_PASS_TOKENS))
+        count = sequences_in_pass([len(w.tokens.token_ids) for w in candidates], max_tokens, self.max_batch_sequences)
+        batch = candidates[:count]
+        taken = set(map(id, batch))
+        self._queue = [w for w in self._queue if id(w) not in taken]
+        return batch
 
     def _gather(self) -> None:
         """Wait for the owners the last pass answered, up to GATHER_SHARE of its duration. (Called locked.)"""
