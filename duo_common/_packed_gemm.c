@@ -26,12 +26,20 @@
  * whatever the number of rows, their position in X, the storage format or the instruction set, so a row's
  * result never depends on what it is batched with nor on which of the two kernels ran.
  *
+ * Threads: set_threads(n) gives calls n - 1 helper threads; a call's panels are then dealt out a few at a
+ * time to whichever of the caller and its helpers is free (a helper that the OS runs late does less, none
+ * waits for a slow one), and each output is still computed by one thread as one chain, so the results do
+ * not depend on the thread count either. One call at a time uses the helpers; a concurrent call runs alone.
+ *
  * Built as an optional extension (setup.py, with -ffp-contract=off so (d * q) + m is never fused); each
  * instruction set's code is compiled for that target only and runs only where the CPU has it, so the
  * module imports on any x86-64 CPU.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -367,26 +375,151 @@ static float *scratch_panel(size_t floats) {
     return scratch;
 }
 
-/* y = x . W^T (+ bias), panel by panel. Returns 0, or -1 when a scratch panel cannot be allocated. */
-static int gemm(const kernel_set *set, const float *x, int rows, int k_dim, const void *weights, int format,
-                const float *scales, const float *offsets, int n, float *y, const float *bias) {
+/* One call's work: panels [0, panels) of y = x . W^T (+ bias). */
+typedef struct {
+    const kernel_set *set;
+    const float *x;
+    int rows, k_dim;
+    const void *weights;
+    int format;
+    const float *scales, *offsets;
+    int n;
+    float *y;
+    const float *bias;
+    int panels;
+} gemm_call;
+
+/* Panels first .. first + count - 1 of the call. Returns 0, or -1 when a scratch panel cannot be allocated. */
+static int run_panels(const gemm_call *c, int first, int count) {
     static const size_t element_bytes[FORMATS] = {sizeof(float), sizeof(uint16_t), sizeof(int8_t)};
-    size_t panel_size = (size_t)k_dim * PANEL, blocks_size = (size_t)(k_dim / BLOCK) * PANEL;
+    size_t panel_size = (size_t)c->k_dim * PANEL, blocks_size = (size_t)(c->k_dim / BLOCK) * PANEL;
     float *widened = NULL;
-    if (format != FORMAT_F32 && rows > set->compact_rows_max && !(widened = scratch_panel(panel_size)))
+    if (c->format != FORMAT_F32 && c->rows > c->set->compact_rows_max && !(widened = scratch_panel(panel_size)))
         return -1;
-    for (int p = 0; p * PANEL < n; p++) {
-        const void *panel = (const char *)weights + p * panel_size * element_bytes[format];
-        const float *scale = format == FORMAT_I8_BLOCKS ? scales + p * blocks_size : NULL;
-        const float *offset = format == FORMAT_I8_BLOCKS ? offsets + p * blocks_size : NULL;
+    for (int p = first; p < first + count && p < c->panels; p++) {
+        const void *panel = (const char *)c->weights + p * panel_size * element_bytes[c->format];
+        const float *scale = c->format == FORMAT_I8_BLOCKS ? c->scales + p * blocks_size : NULL;
+        const float *offset = c->format == FORMAT_I8_BLOCKS ? c->offsets + p * blocks_size : NULL;
         if (widened) {
-            set->widen_panel[format](panel, scale, offset, k_dim, widened);
-            set->panel_rows[FORMAT_F32](x, rows, k_dim, widened, NULL, NULL, y, n, p * PANEL, bias);
+            c->set->widen_panel[c->format](panel, scale, offset, c->k_dim, widened);
+            c->set->panel_rows[FORMAT_F32](c->x, c->rows, c->k_dim, widened, NULL, NULL, c->y, c->n, p * PANEL,
+                                           c->bias);
         } else {
-            set->panel_rows[format](x, rows, k_dim, panel, scale, offset, y, n, p * PANEL, bias);
+            c->set->panel_rows[c->format](c->x, c->rows, c->k_dim, panel, scale, offset, c->y, c->n, p * PANEL,
+                                          c->bias);
         }
     }
     return 0;
+}
+
+/* The helper threads. A call is published in `shared`; `ticket` deals its panels: the high 32 bits are the
+ * call's panel count (0 between calls), the low 32 the next panel to take, so one atomic fetch-and-add tells
+ * a helper both which panels are its and whether they belong to the call it read (a helper that comes late
+ * finds the limit reached, or 0). `done` counts finished panels; the caller returns when all are. Helpers
+ * spin briefly between calls (a layer's products follow each other within microseconds), then sleep. */
+#define MAX_THREADS 64
+#define CHUNK 2            /* panels taken at a time */
+#define SPIN_ROUNDS 20000  /* pause instructions a helper spins for before it sleeps (~0.1 ms) */
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* held by the call using the helpers */
+static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+static gemm_call shared;
+static _Atomic uint64_t ticket;
+static atomic_int done, failed, sleepers;
+static atomic_uint generation;
+static int helpers;        /* started so far */
+static atomic_int wanted;  /* threads a call uses, the caller included: helpers 1 .. wanted - 1 take part */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+static int take_and_run(void) {
+    int ran = 0;
+    for (;;) {
+        uint64_t t = atomic_fetch_add(&ticket, CHUNK);
+        int limit = (int)(t >> 32), first = (int)(t & 0xffffffffu);
+        if (first >= limit)
+            return ran;
+        int count = first + CHUNK <= limit ? CHUNK : limit - first;
+        if (run_panels(&shared, first, count))
+            atomic_store(&failed, 1);
+        atomic_fetch_add(&done, count);
+        ran = 1;
+    }
+}
+
+static void *helper_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    unsigned seen = atomic_load(&generation);
+    for (;;) {
+        for (int spin = 0; spin < SPIN_ROUNDS && atomic_load(&generation) == seen; spin++)
+            cpu_relax();
+        if (atomic_load(&generation) == seen) {
+            pthread_mutex_lock(&sleep_lock);
+            atomic_fetch_add(&sleepers, 1);
+            while (atomic_load(&generation) == seen)
+                pthread_cond_wait(&wake, &sleep_lock);
+            atomic_fetch_sub(&sleepers, 1);
+            pthread_mutex_unlock(&sleep_lock);
+        }
+        seen = atomic_load(&generation);
+        if (id < atomic_load(&wanted))
+            take_and_run();
+    }
+    return NULL;
+}
+
+/* Threads for later calls, the caller included (1: no helpers). Returns the number in effect. */
+static int set_threads(int threads) {
+    if (threads < 1)
+        threads = 1;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    pthread_mutex_lock(&pool_lock);
+    while (helpers < threads - 1) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper_main, (void *)(intptr_t)(helpers + 1)))
+            break;
+        pthread_detach(thread);
+        helpers++;
+    }
+    atomic_store(&wanted, helpers + 1 < threads ? helpers + 1 : threads);
+    pthread_mutex_unlock(&pool_lock);
+    return atomic_load(&wanted);
+}
+
+/* y = x . W^T (+ bias), panel by panel, with the helpers when there are some, they are free and the call has
+ * panels enough for two. Returns 0, or -1 when a scratch panel cannot be allocated. */
+static int gemm(const kernel_set *set, const float *x, int rows, int k_dim, const void *weights, int format,
+                const float *scales, const float *offsets, int n, float *y, const float *bias) {
+    gemm_call call = {set, x, rows, k_dim, weights, format, scales, offsets, n, y, bias, (n + PANEL - 1) / PANEL};
+    if (atomic_load(&wanted) < 2 || call.panels < 2 * CHUNK || pthread_mutex_trylock(&pool_lock))
+        return run_panels(&call, 0, call.panels);
+    shared = call;
+    atomic_store(&done, 0);
+    atomic_store(&failed, 0);
+    atomic_store(&ticket, (uint64_t)call.panels << 32);  /* publishes `shared` to whoever takes a panel */
+    atomic_fetch_add(&generation, 1);
+    if (atomic_load(&sleepers)) {
+        pthread_mutex_lock(&sleep_lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&sleep_lock);
+    }
+    take_and_run();
+    for (int spin = 0; atomic_load(&done) < call.panels; spin++) {  /* a helper finishes its last panels */
+        if (spin < SPIN_ROUNDS)
+            cpu_relax();
+        else
+            sched_yield();  /* it may be waiting for this core */
+    }
+    atomic_store(&ticket, 0);  /* late helpers find nothing to take */
+    int status = atomic_load(&failed) ? -1 : 0;
+    pthread_mutex_unlock(&pool_lock);
+    return status;
 }
 
 static PyObject *py_instruction_sets(PyObject *self, PyObject *unused) {
@@ -440,11 +573,20 @@ static PyObject *py_gemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_threads(PyObject *self, PyObject *args) {
+    int threads;
+    if (!PyArg_ParseTuple(args, "i", &threads))
+        return NULL;
+    return PyLong_FromLong(set_threads(threads));
+}
+
 static PyMethodDef methods[] = {
     {"instruction_sets", py_instruction_sets, METH_NOARGS,
      "The kernel sets this CPU can run, best first (empty: gemm() cannot run here)."},
     {"gemm", py_gemm, METH_VARARGS,
      "gemm(instruction_set, ...): y[rows][n] = x[rows][k] . W^T (+ bias), W packed in 32-column panels."},
+    {"set_threads", py_set_threads, METH_VARARGS,
+     "set_threads(n): threads for later calls, the caller included; returns the number in effect."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,9 +7,10 @@
           heads without copying the cache for each query head; Llama models also get a leaner forward
           pass (``lean_llama``: fused projections, and the operations between products as C calls,
           ``decoder_ops``). A forward pass over 8 tokens then costs little more than over one on an
-          AVX-512 CPU (``benchmarks/forward_cost.py``).
-  auto    packed where it applies (CPU device, float32 weights, the kernel built and the CPU able to run it,
-          one torch thread: the kernel is single-threaded), else torch.
+          AVX-512 CPU (``benchmarks/forward_cost.py``). The products use as many threads as torch does
+          (the service's ``--threads``); the operations between them run on one.
+  auto    packed where it applies (CPU device, float32 weights, the kernel built and the CPU able to run
+          it), else torch.
 Neither choice changes the model's weights (packed layers hold the same values bit for bit) or its dtype;
 results differ from torch's kernels only in the order of floating-point sums and in exp() (``tests/
 test_cpu_runtime.py`` and ``tests/test_decoder_ops.py`` check logits and greedy outputs).
@@ -24,11 +25,11 @@ import torch
 from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.default_models import ModelNotAvailableError
 from duo_common.lean_llama import install_lean_forward, supports_lean_forward
-from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers
+from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers, use_threads
 
 KERNEL_CHOICES = ("auto", "packed", "torch")
 KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "
-                "torch, or auto (packed for a float32 model on one CPU thread where the CPU has AVX-512 or AVX2).")
+                "torch, or auto (packed for a float32 model where the CPU has AVX-512 or AVX2 with FMA).")
 ATTENTION_NAME = "duo_grouped_query"
 
 
@@ -43,6 +44,7 @@ class CpuRuntime:
     reason: str = ""  # why ``auto`` chose torch
     lean_forward: bool = False  # a Llama model runs duo's lean forward pass (``lean_llama``)
     decoder_ops: bool = False  # ... with the operations between its products in C (``decoder_ops``)
+    threads: int = 1  # threads of the packed products
 
     @property
     def packed_layers(self) -> int:
@@ -53,7 +55,8 @@ class CpuRuntime:
             formats = ", ".join(f"{count} {name}" for name, count in self.packed_formats)
             forward = ", lean Llama forward" if self.lean_forward else ""
             forward += " with C decoder operations" if self.decoder_ops else ""
-            return f"packed kernels (products: {formats or 'none'}), grouped-query attention{forward}"
+            threads = f" on {self.threads} threads" if self.threads > 1 else ""
+            return f"packed kernels{threads} (products: {formats or 'none'}), grouped-query attention{forward}"
         return "torch kernels" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -63,42 +66,33 @@ def apply_cpu_runtime(model: torch.nn.Module, choice: str) -> CpuRuntime:
         raise ValueError(f"unknown CPU kernels {choice!r}; choose one of {', '.join(KERNEL_CHOICES)}")
     if choice == "torch":
         return CpuRuntime("torch")
-    reason = _packed_unavailable_reason(model, strict=choice == "packed")
+    reason = _packed_unavailable_reason(model)
     if reason:
         if choice == "packed":
             raise RuntimeUnavailableError(f"--cpu-kernels packed cannot run here: {reason}")
         return CpuRuntime("torch", reason=reason)
+    threads = use_threads(torch.get_num_threads())
     if supports_lean_forward(model):
         formats = install_lean_forward(model, grouped_query_attention)
         return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())), lean_forward=True,
-                          decoder_ops=model._duo_decoder_ops)
+                          decoder_ops=model._duo_decoder_ops, threads=threads)
     _use_grouped_query_attention(model)
     formats = pack_linear_layers(model)
-    return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())))
+    return CpuRuntime("packed", packed_formats=tuple(sorted(formats.items())), threads=threads)
 
 
 def packed_kernels_will_run(choice: str) -> bool:
     """Whether ``choice`` gives the packed kernels to a float32 CPU model in this process."""
-    return choice != "torch" and _process_unavailable_reason(strict=choice == "packed") is None
+    return choice != "torch" and kernel_unavailable_reason() is None
 
 
-def _packed_unavailable_reason(model: torch.nn.Module, strict: bool) -> str | None:
+def _packed_unavailable_reason(model: torch.nn.Module) -> str | None:
     parameter = next(model.parameters())
     if parameter.device.type != "cpu":
         return f"the model runs on {parameter.device}"
     if parameter.dtype != torch.float32:
         return f"the model runs in {str(parameter.dtype).removeprefix('torch.')} (the kernel is float32)"
-    return _process_unavailable_reason(strict)
-
-
-def _process_unavailable_reason(strict: bool) -> str | None:
-    """Why this process cannot run the packed kernel (``strict``: asked for explicitly, any thread count)."""
-    reason = kernel_unavailable_reason()
-    if reason:
-        return reason
-    if not strict and torch.get_num_threads() != 1:
-        return f"{torch.get_num_threads()} torch threads (the packed kernel uses one)"
-    return None
+    return kernel_unavailable_reason()
 
 
 def _use_grouped_query_attention(model: torch.nn.Module) -> None:

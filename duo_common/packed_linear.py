@@ -47,6 +47,13 @@ def kernel_unavailable_reason() -> str | None:
     return None
 
 
+def use_threads(threads: int) -> int:
+    """Let every later product of this process use ``threads`` threads, the caller's included (the output
+    columns are dealt out among them; each output is still one thread's chain, so results are the same bits
+    whatever the count). Returns the number in effect."""
+    return _packed_gemm.set_threads(threads)
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A weight [N, K] in the kernel's panel layout: ``data`` [ceil(N / 32), K, 32] (zero padded), and for

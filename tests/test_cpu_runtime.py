@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from duo_common import tree_attention
 from duo_common.cpu_runtime import (
     SHORT_QUERY_TOKENS, RuntimeUnavailableError, apply_cpu_runtime, grouped_query_attention,
 )
@@ -18,8 +19,9 @@ from duo_common.kv_cache import GrowableLayer, new_cache
 from duo_common.models import select_cache_positions, truncate_cache
 from duo_common.packed_linear import (
     FORMAT_BF16, FORMAT_F32, FORMAT_I8_BLOCKS, PackedLinear, PackedWeight, exact_int8_blocks, instruction_sets,
-    kernel_unavailable_reason, pack_weight, to_panels,
+    kernel_unavailable_reason, pack_weight, to_panels, use_threads,
 )
+from duo_common.tree import TokenTree
 from tests.tiny_models import build_model
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None,
@@ -218,7 +220,6 @@ def test_lean_forward_gives_the_packed_modules_logits_bit_for_bit():
     (with transformers' own operations between the products; the C ones are tests/test_decoder_ops.py's)."""
     from duo_common.cpu_runtime import _use_grouped_query_attention
     from duo_common.packed_linear import pack_linear_layers
-    from duo_common.tree import TokenTree
     from duo_common.tree_attention import tree_attention_inputs
 
     modules = build_model("llama")
@@ -257,17 +258,28 @@ def test_runtime_choice_is_explicit():
     assert bf16.kernels == "torch" and "bfloat16" in bf16.reason
 
 
-def test_auto_uses_packed_kernels_on_one_thread_only():
+@pytest.mark.skipif(kernel_unavailable_reason() is not None, reason=f"packed kernel: {kernel_unavailable_reason()}")
+def test_packed_products_on_several_threads_give_the_same_bits():
+    """The runtime takes the service's thread count; the columns of each product are dealt out among the
+    threads, each output still one thread's chain: the logits are identical to one thread's."""
     threads = torch.get_num_threads()
+    prompt, tree = [1, 5, 9, 20, 33, 7, 8], TokenTree((11, 12, 13, 14, 15, 16), (-1, -1, 0, 0, 2, 1))
+    results = {}
     try:
-        torch.set_num_threads(2)
-        two = apply_cpu_runtime(build_model("llama"), "auto")
-        assert two.kernels == "torch" and "2 torch threads" in two.reason
-        torch.set_num_threads(1)
-        one = apply_cpu_runtime(build_model("llama"), "auto")
-        assert one.kernels == ("torch" if kernel_unavailable_reason() else "packed")
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            model = build_model("llama", context=256)
+            runtime = apply_cpu_runtime(model, "auto")
+            assert runtime.kernels == "packed" and runtime.threads == count
+            assert ("on 3 threads" in runtime.describe()) == (count == 3)
+            with torch.inference_mode():
+                long_rows = model(input_ids=torch.tensor([list(range(1, 90))])).logits
+            results[count] = long_rows, tree_attention.tree_logits(model, prompt, tree), greedy(model, prompt, 20, new_cache)
     finally:
         torch.set_num_threads(threads)
+        use_threads(threads)
+    assert torch.equal(results[1][0], results[3][0]) and torch.equal(results[1][1], results[3][1])
+    assert results[1][2] == results[3][2]
 
 
 class _Attention:
