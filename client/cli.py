@@ -12,7 +12,7 @@ import grpc
 
 from client import bench
 from client.budget import AdaptiveBudget, ControllerConfig
-from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services
+from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services, usable_cores
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
 from duo_common.cpu_runtime import KERNEL_CHOICES
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -66,8 +66,10 @@ def main() -> None:
                    "before generating.")
 @click.option("--target-model", default=DEFAULT_TARGET, show_default=True, help="Embedded mode: target model.")
 @click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True, help="Embedded mode: draft model.")
-@click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--verify-threads", type=click.IntRange(1), default=usable_cores(), show_default="this machine's cores",
+              help="Embedded mode: the verify service's threads.")
+@click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Embedded mode: the draft service's threads.")
 @click.option("--device", default="auto", show_default=True, help="Embedded mode: the verify service's device.")
 @click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
               help="Embedded mode: both services' CPU matrix kernels (duo-verify serve --help).")
@@ -177,12 +179,13 @@ def _print_stats(result: GenerationResult) -> None:
 @click.option("--draft-addr", envvar="DUO_DRAFT_ADDR", help="Remote mode: a running draft service.")
 @click.option("--target-model", default=DEFAULT_TARGET, show_default=True)
 @click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True)
-@click.option("--verify-threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--verify-threads", type=click.IntRange(1), default=usable_cores(), show_default="this machine's cores")
 @click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
               help="Both duo services' CPU matrix kernels (embedded mode).")
 @click.option("--hf-threads", type=click.IntRange(1), default=None,
-              help="torch threads of the HF baselines (default: verify + draft threads, duo's cores).")
+              help="torch threads of the HF baselines (default: the cores duo's services use, at most this "
+                   "machine's).")
 def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, max_branches, chat, warmup, json_out,
                   chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, cpu_kernels, hf_threads):
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
@@ -194,7 +197,7 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
         raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(bench.ALL_SYSTEMS)}",
                                  param_hint="--systems")
     prompts = bench.load_prompts(prompts_file, limit)
-    hf_threads = hf_threads or verify_threads + draft_threads
+    hf_threads = hf_threads or min(verify_threads + draft_threads, usable_cores())
     baselines = bench.HfBaselines(resolve_model(target_model), resolve_model(draft_model), threads=hf_threads)
     prompt_ids = [baselines.encode(prompt, chat) for prompt in prompts]
     runs: list[bench.Run] = []

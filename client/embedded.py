@@ -4,11 +4,12 @@ ports, the same gRPC path as a deployment. Started, waited for (health SERVING),
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +21,18 @@ class ServiceStartError(RuntimeError):
     """A child service exited or did not become healthy; carries the tail of its log."""
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity, as a container's CPU set limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class EmbeddedConfig:
     target_model: str
     draft_model: str
-    verify_threads: int = 1
+    # Both services share this machine: the verifier's products use every core (the drafter's thread
+    # shares one; its work is light and a pass deals its columns to whichever thread is free).
+    verify_threads: int = field(default_factory=usable_cores)
     draft_threads: int = 1
     verify_device: str = "auto"
     verify_dtype: str = "auto"
