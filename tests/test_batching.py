@@ -8,6 +8,7 @@ greedy and seeded sampling, one cancelled midway) produce exactly what each prod
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -20,6 +21,7 @@ from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo_common import batched_forward
 from duo_common.batched_forward import NewTokens
 from duo_common.cpu_runtime import apply_cpu_runtime
+from duo_common.errors import ResourceExhausted
 from duo_common.kv_cache import new_cache
 from duo_common.metrics import ServiceMetrics
 from duo_common.packed_linear import kernel_unavailable_reason
@@ -29,6 +31,7 @@ from duo_common.tree import TokenTree
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import build_model, reference_greedy
 from verify_service.engine import TargetVerifier
+from verify_service.kv_budget import bytes_per_position, default_kv_cache_tokens
 from verify_service.scheduler import VerifyScheduler
 
 needs_packed = pytest.mark.skipif(kernel_unavailable_reason() is not None,
@@ -268,3 +271,29 @@ def test_concurrent_sessions_through_the_services_equal_each_alone(tiny_pair, ma
         assert results[index] == reference_greedy(tiny_pair.target, prompt, 30, eos_token_id=2)
     assert results["sampled"] == sampled_alone
 
+
+
+def test_the_kv_cache_bound_refuses_new_sessions_only_and_frees_with_them():
+    """Positions held by all sessions are bounded where sessions start (running ones are never cut short);
+    a session that ends gives its positions back."""
+    verifier = TargetVerifier(load_model_info(build_model("llama")), kv_cache_tokens=24)
+    first = verifier.open(tuple(range(1, 13)), DecodingParams())
+    verifier.verify(first.session, TokenTree.chain([5, 6, 7]))  # grows past its prompt: never refused
+    assert verifier.cached_tokens() >= 13
+    with pytest.raises(ResourceExhausted, match="KV caches hold .* of their 24 positions"):
+        verifier.new_session(tuple(range(1, 13)), DecodingParams())
+    del first
+    gc.collect()
+    assert verifier.cached_tokens() == 0
+    assert verifier.open(tuple(range(1, 13)), DecodingParams()).first_token >= 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_kv_position_costs_keys_and_values_of_every_layer(arch):
+    model = build_model(arch)
+    config = model.config
+    with torch.inference_mode():
+        cache = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True).past_key_values
+    actual = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // 3
+    assert bytes_per_position(config, torch.float32) == actual
+    assert default_kv_cache_tokens(model) > 1000

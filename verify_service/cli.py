@@ -14,6 +14,7 @@ from duo_common.serve_cli import ServeSettings, common_serve_options, log_batchi
 from duo_common.sessions import SessionRegistry
 from protos import duo_pb2_grpc
 from verify_service.engine import TargetVerifier
+from verify_service.kv_budget import default_kv_cache_tokens
 from verify_service.scheduler import VerifyScheduler
 from verify_service.servicer import VerifierServicer
 
@@ -37,15 +38,21 @@ def main() -> None:
               envvar="DUO_VERIFY_MAX_TREE_NODES", show_envvar=True, help="Largest proposal accepted per round.")
 @click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
               envvar="DUO_VERIFY_CPU_KERNELS", show_envvar=True, help=KERNELS_HELP)
+@click.option("--kv-cache-tokens", type=click.IntRange(1), default=None, envvar="DUO_VERIFY_KV_CACHE_TOKENS",
+              show_envvar=True, help="KV-cache positions all sessions may hold; new sessions beyond are refused "
+                                     "(default: half the memory free at start, the GPU's on CUDA).")
 @common_serve_options("DUO_VERIFY")
-def serve(model, device, dtype, max_tree_nodes, cpu_kernels, settings: ServeSettings):
+def serve(model, device, dtype, max_tree_nodes, cpu_kernels, kv_cache_tokens, settings: ServeSettings):
     """Serve the Verifier RPCs."""
     setup_process(settings)
     metrics = ServiceMetrics("verify")
     servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions), metrics)
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
                           model)
-    verifier = TargetVerifier(load_causal_lm(model, device, dtype, cpu_kernels), max_tree_nodes)
+    loaded = load_causal_lm(model, device, dtype, cpu_kernels)
+    kv_cache_tokens = kv_cache_tokens or default_kv_cache_tokens(loaded.model)
+    verifier = TargetVerifier(loaded, max_tree_nodes, kv_cache_tokens=kv_cache_tokens)
+    log.info("KV caches: up to %d positions over all sessions", kv_cache_tokens)
     scheduler = VerifyScheduler(verifier, settings.max_batch_tokens, settings.max_batch_sessions, metrics)
     servicer.attach(scheduler)
     log_batching(verifier.batches, settings)

@@ -26,7 +26,7 @@ from duo_common import batched_forward
 from duo_common.acceptance import Acceptance, accept_greedy, accept_sampled
 from duo_common.batched_forward import NewTokens
 from duo_common.decoder_ops import SHORT_QUERY_TOKENS
-from duo_common.errors import InvalidArgument
+from duo_common.errors import InvalidArgument, ResourceExhausted
 from duo_common.kv_cache import new_cache
 from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
 from duo_common.pass_scheduler import Job, Scored
@@ -65,7 +65,7 @@ class TargetVerifier:
     """Owns the target model; sessions share it, one forward pass at a time (a pass may serve many)."""
 
     def __init__(self, loaded: LoadedModel, max_tree_nodes: int = 64, tree_attention: bool | None = None,
-                 prefill_chunk_tokens: int | None = None):
+                 prefill_chunk_tokens: int | None = None, kv_cache_tokens: int | None = None):
         self.model = loaded.model
         if tree_attention is None:
             tree_attention = supports_tree_attention(loaded.model)
@@ -77,12 +77,13 @@ class TargetVerifier:
         if prefill_chunk_tokens is None:
             prefill_chunk_tokens = SHORT_QUERY_TOKENS if self.batches else self.info.max_context_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.kv_cache_tokens = kv_cache_tokens  # positions all sessions' caches may hold (None: no bound)
         self._forward_lock = threading.Lock()
         self._sessions: weakref.WeakSet[TargetSession] = weakref.WeakSet()  # those still referenced somewhere
 
     def cached_tokens(self) -> int:
-        """Positions held in the KV caches of all live sessions."""
-        return sum(session.cached_tokens for session in list(self._sessions))
+        """Positions held in the KV caches of all live sessions (a prompt counts from its session's start)."""
+        return sum(max(session.cached_tokens, len(session.prompt)) for session in list(self._sessions))
 
     def new_session(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> TargetSession:
         """A session for this prompt (checked), not prefilled yet."""
@@ -94,6 +95,13 @@ class TargetVerifier:
                 f"the prompt has {len(prompt_ids)} tokens; the target's context holds {self.info.max_context_tokens} "
                 "including at least one new token"
             )
+        if self.kv_cache_tokens is not None:
+            held = self.cached_tokens()
+            if held + len(prompt_ids) > self.kv_cache_tokens:
+                raise ResourceExhausted(
+                    f"the verifier's KV caches hold {held} of their {self.kv_cache_tokens} positions (--kv-cache-tokens) "
+                    f"and this prompt needs {len(prompt_ids)}; retry later or on another replica"
+                )
         session = TargetSession(tuple(prompt_ids), params, make_generator(params.seed), new_cache(self.model.config))
         self._sessions.add(session)
         return session
