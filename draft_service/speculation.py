@@ -102,7 +102,7 @@ class SpeculativeSession:
             tree = self._propose(drafter, committed, room)
             self._link.send(round_number, tree)
             ahead_from = drafter.compute_s if drafter else 0.0
-            if drafter is not None and plan.overlap:
+            if drafter is not None and plan.overlap and budget > 0:  # budget 0: not speculating now
                 self._draft_ahead(drafter, len(tree) + 1 + budget)
             verdict = self._link.wait_verdict()
             timings = RoundTimings(
