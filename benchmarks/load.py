@@ -191,7 +191,8 @@ def report(name: str, wave: Wave) -> None:
 
 def print_table(waves: dict[str, list[Wave]], concurrency: list[int]) -> None:
     """Aggregate tokens/s per system and concurrency, and per-session rate, TTFT and identity."""
-    print(f"\naggregate tokens/s (all sessions together); in brackets: x the same system at concurrency {concurrency[0]}")
+    print("\naggregate tokens/s (all sessions together); in brackets: x the same system at concurrency "
+          f"{concurrency[0]}")
     print(f"{'system':<28}" + "".join(f"{'c=' + str(c):>16}" for c in concurrency))
     for name, ws in waves.items():
         base = ws[0].aggregate_tokens_per_s

@@ -104,8 +104,9 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
     def attach(self, loaded: LoadedModel) -> None:
         self._tree_attention = supports_tree_attention(loaded.model)
         config = self._config
-        self._passes = PassScheduler(functools.partial(batched_forward.forward, loaded.model, fits_together=SHORT_QUERY_TOKENS),
-                                     config.max_batch_tokens, config.max_batch_sessions, self._metrics, name="draft-passes")
+        forward = functools.partial(batched_forward.forward, loaded.model, fits_together=SHORT_QUERY_TOKENS)
+        self._passes = PassScheduler(forward, config.max_batch_tokens, config.max_batch_sessions, self._metrics,
+                                     name="draft-passes")
         self._loaded = loaded
         self._encoder = PromptEncoder(loaded.tokenizer)
 

@@ -44,6 +44,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "_packed_gemm_api.h"
 
@@ -419,7 +420,7 @@ static int run_panels(const gemm_call *c, int first, int count) {
  * spin briefly between calls (a layer's products follow each other within microseconds), then sleep. */
 #define MAX_THREADS 64
 #define CHUNK 2            /* panels taken at a time */
-#define SPIN_ROUNDS 20000  /* pause instructions a helper spins for before it sleeps (~0.1 ms) */
+#define SPIN_NS 50000      /* how long a helper spins for the next call before it sleeps */
 
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;   /* held by the call using the helpers */
 static pthread_mutex_t sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -452,12 +453,29 @@ static int take_and_run(void) {
     }
 }
 
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Spin (a pause instruction at a time: its length differs between CPUs, so the clock bounds the spin)
+ * until `generation` moves from `seen` or SPIN_NS have passed; returns whether it moved. */
+static int spin_for_call(unsigned seen) {
+    long long until = now_ns() + SPIN_NS;
+    for (int spin = 0; atomic_load(&generation) == seen; spin++) {
+        cpu_relax();
+        if (spin % 64 == 63 && now_ns() > until)
+            return 0;
+    }
+    return 1;
+}
+
 static void *helper_main(void *arg) {
     int id = (int)(intptr_t)arg;
     unsigned seen = atomic_load(&generation);
     for (;;) {
-        for (int spin = 0; spin < SPIN_ROUNDS && atomic_load(&generation) == seen; spin++)
-            cpu_relax();
+        spin_for_call(seen);
         if (atomic_load(&generation) == seen) {
             pthread_mutex_lock(&sleep_lock);
             atomic_fetch_add(&sleepers, 1);
@@ -510,10 +528,10 @@ static int gemm(const kernel_set *set, const float *x, int rows, int k_dim, cons
         pthread_mutex_unlock(&sleep_lock);
     }
     take_and_run();
+    long long yield_after = now_ns() + SPIN_NS;
     for (int spin = 0; atomic_load(&done) < call.panels; spin++) {  /* a helper finishes its last panels */
-        if (spin < SPIN_ROUNDS)
-            cpu_relax();
-        else
+        cpu_relax();
+        if (spin % 64 == 63 && now_ns() > yield_after)
             sched_yield();  /* it may be waiting for this core */
     }
     atomic_store(&ticket, 0);  /* late helpers find nothing to take */

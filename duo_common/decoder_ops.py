@@ -168,7 +168,8 @@ def run_layer(definition, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         keys, values, mask = segment.keys, segment.values, segment.mask
         _check(keys, "keys", 3)
         _check(values, "values", 3)
-        if keys.shape != values.shape or (mask is not None and mask.shape != (segment.rows, segment.past + segment.rows)):
+        fits = mask is None or mask.shape == (segment.rows, segment.past + segment.rows)
+        if keys.shape != values.shape or not fits:
             raise ValueError("run_layer: a segment's cache buffers and mask do not fit")
         if mask is not None:
             _check(mask, "mask", 2)
