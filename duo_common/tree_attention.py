@@ -33,11 +33,17 @@ def attention_inputs(visible: torch.Tensor, positions: torch.Tensor, dtype: torc
     return {"attention_mask": mask[None, None].to(device), "position_ids": positions[None].to(device)}
 
 
+def tree_layout(tree: TokenTree, past: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Positions and visibility [1 + nodes, past + 1 + nodes] (bool) of [root, nodes] placed after ``past``
+    cached positions (the verifier's layout)."""
+    visible = torch.cat([torch.ones(len(tree) + 1, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+    return (past, *(past + depth for depth in tree.depths())), visible
+
+
 def tree_attention_inputs(tree: TokenTree, past: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Kwargs for [root, nodes] placed after ``past`` cached positions (the verifier's layout)."""
-    visible = torch.cat([torch.ones(len(tree) + 1, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-    positions = torch.tensor([past] + [past + depth for depth in tree.depths()], dtype=torch.long)
-    return attention_inputs(visible, positions, dtype, device)
+    positions, visible = tree_layout(tree, past)
+    return attention_inputs(visible, torch.tensor(positions, dtype=torch.long), dtype, device)
 
 
 def path_to(tree: TokenTree, node: int) -> list[int]:

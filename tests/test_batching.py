@@ -28,6 +28,7 @@ from duo_common.packed_linear import kernel_unavailable_reason
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.pass_scheduler import PassScheduler, sequences_in_pass
 from duo_common.tree import TokenTree
+from duo_common.tree_attention import tree_layout
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import build_model, reference_greedy
 from verify_service.engine import TargetVerifier
@@ -61,9 +62,7 @@ def prefilled_cache(model, prompt):
 
 
 def tree_tokens(cache, tree: TokenTree, root: int) -> NewTokens:
-    past = cache.get_seq_length()
-    visible = torch.cat([torch.ones(len(tree) + 1, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-    positions = (past, *(past + depth for depth in tree.depths()))
+    positions, visible = tree_layout(tree, cache.get_seq_length())
     return NewTokens((root, *tree.token_ids), cache, positions, visible, kept_logits=len(tree) + 1)
 
 

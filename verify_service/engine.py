@@ -29,11 +29,11 @@ from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.errors import InvalidArgument, ResourceExhausted
 from duo_common.kv_cache import new_cache
 from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
-from duo_common.pass_scheduler import Job, Scored
 from duo_common.params import DecodingParams
+from duo_common.pass_scheduler import Job, Scored
 from duo_common.sampling import logits_to_probs, make_generator, sample
 from duo_common.tree import TokenTree
-from duo_common.tree_attention import supports_tree_attention
+from duo_common.tree_attention import supports_tree_attention, tree_layout
 
 
 @dataclass(eq=False)
@@ -80,10 +80,14 @@ class TargetVerifier:
         self.kv_cache_tokens = kv_cache_tokens  # positions all sessions' caches may hold (None: no bound)
         self._forward_lock = threading.Lock()
         self._sessions: weakref.WeakSet[TargetSession] = weakref.WeakSet()  # those still referenced somewhere
+        self._sessions_lock = threading.Lock()  # sessions start on stream threads, metrics read from another
+        self._admission_lock = threading.Lock()
 
     def cached_tokens(self) -> int:
         """Positions held in the KV caches of all live sessions (a prompt counts from its session's start)."""
-        return sum(max(session.cached_tokens, len(session.prompt)) for session in list(self._sessions))
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        return sum(max(session.cached_tokens, len(session.prompt)) for session in sessions)
 
     def new_session(self, prompt_ids: tuple[int, ...], params: DecodingParams) -> TargetSession:
         """A session for this prompt (checked), not prefilled yet."""
@@ -95,15 +99,16 @@ class TargetVerifier:
                 f"the prompt has {len(prompt_ids)} tokens; the target's context holds {self.info.max_context_tokens} "
                 "including at least one new token"
             )
-        if self.kv_cache_tokens is not None:
+        session = TargetSession(tuple(prompt_ids), params, make_generator(params.seed), new_cache(self.model.config))
+        with self._admission_lock:  # one admission at a time, so two cannot both take the last positions
             held = self.cached_tokens()
-            if held + len(prompt_ids) > self.kv_cache_tokens:
+            if self.kv_cache_tokens is not None and held + len(prompt_ids) > self.kv_cache_tokens:
                 raise ResourceExhausted(
                     f"the verifier's KV caches hold {held} of their {self.kv_cache_tokens} positions (--kv-cache-tokens) "
                     f"and this prompt needs {len(prompt_ids)}; retry later or on another replica"
                 )
-        session = TargetSession(tuple(prompt_ids), params, make_generator(params.seed), new_cache(self.model.config))
-        self._sessions.add(session)
+            with self._sessions_lock:
+                self._sessions.add(session)
         return session
 
     def prefill_job(self, session: TargetSession) -> Job:
@@ -122,13 +127,11 @@ class TargetVerifier:
     def verify_job(self, session: TargetSession, tree: TokenTree) -> Job:
         """The job that scores a proposal and keeps what the target accepts; returns a ``VerifyOutcome``."""
         self.check_proposal(session, tree)
-        past = session.cached_tokens
         tokens = (session.pending_token, *tree.token_ids)
         if tree.is_chain:
             scored = yield NewTokens(tokens, session.cache, kept_logits=len(tokens))
         else:
-            visible = torch.cat([torch.ones(len(tokens), past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-            positions = (past, *(past + depth for depth in tree.depths()))
+            positions, visible = tree_layout(tree, session.cached_tokens)
             scored = yield NewTokens(tokens, session.cache, positions, visible, kept_logits=len(tokens))
         if session.params.is_greedy:
             acceptance = accept_greedy(tree, scored.logits)
