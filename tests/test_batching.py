@@ -32,7 +32,7 @@ from duo_common.tree_attention import tree_layout
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import build_model, reference_greedy
 from verify_service.engine import TargetVerifier
-from verify_service.kv_budget import bytes_per_position, default_kv_cache_tokens
+from verify_service.kv_budget import bytes_per_position, default_kv_cache_tokens, free_memory_bytes
 from verify_service.scheduler import VerifyScheduler
 
 needs_packed = pytest.mark.skipif(kernel_unavailable_reason() is not None,
@@ -296,3 +296,16 @@ def test_a_kv_position_costs_keys_and_values_of_every_layer(arch):
     actual = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers) * 4 // 3
     assert bytes_per_position(config, torch.float32) == actual
     assert default_kv_cache_tokens(model) > 1000
+
+
+def test_free_memory_respects_a_containers_memory_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 67108864 kB\nMemAvailable: 33554432 kB\n")  # 32 GiB available on the host
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{4 << 30}\n")
+    usage.write_text(f"{1 << 30}\n")
+    cpu = torch.device("cpu")
+    assert free_memory_bytes(cpu, ((str(limit), str(usage)),), str(meminfo)) == 3 << 30
+    limit.write_text("max\n")
+    assert free_memory_bytes(cpu, ((str(limit), str(usage)),), str(meminfo)) == 32 << 30
+    assert free_memory_bytes(cpu, ((str(tmp_path / "none"), str(usage)),), str(meminfo)) == 32 << 30
