@@ -29,3 +29,9 @@ class NotFound(DuoError):
 
 class Unavailable(DuoError):
     status = "UNAVAILABLE"
+
+
+class Cancelled(DuoError):
+    """The caller went away before its work ran."""
+
+    status = "CANCELLED"

@@ -29,6 +29,7 @@ from typing import Callable, Generator, Hashable
 import torch
 
 from duo_common.batched_forward import NewTokens
+from duo_common.errors import Cancelled
 from duo_common.metrics import ServiceMetrics
 
 GATHER_SHARE = 0.25  # a pass waits for returning sessions at most this share of the last pass's duration
@@ -71,6 +72,7 @@ class _Waiting:
     job: Job
     tokens: NewTokens
     background: bool = False
+    gone: Callable[[], bool] = lambda: False  # the caller has gone (a cancelled stream): drop the job
     since: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     outcome: object = None
@@ -102,12 +104,15 @@ class PassScheduler:
         self._worker = threading.Thread(target=self._run_passes, name=name, daemon=True)
         self._worker.start()
 
-    def run(self, owner: Hashable, job: Job, background: bool = False):
+    def run(self, owner: Hashable, job: Job, background: bool = False, gone: Callable[[], bool] | None = None):
         """Advance ``job`` (``owner``'s: a session, a drafter) through passes to its outcome; blocks.
         ``background`` work (a drafter drafting ahead) runs only in passes that no other work is waiting for,
         of at most BACKGROUND_PASS_TOKENS tokens, so it never holds up work on a session's critical path
-        for longer than one such pass."""
+        for longer than one such pass. A job whose caller is ``gone`` before its next pass is dropped (the
+        rest of a cancelled stream's prompt is not prefilled) and raises Cancelled."""
         waiting = _Waiting(owner, job, next(job), background)  # the job checks its input here, in the caller's thread
+        if gone is not None:
+            waiting.gone = gone
         with self._changed:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -148,6 +153,8 @@ class PassScheduler:
                     self._queue.clear()
                     return
                 batch = self._next_batch()
+            if not batch:
+                continue
             again, answered = self._run_pass(batch)
             with self._changed:
                 self._queue.extend(again)
@@ -155,7 +162,13 @@ class PassScheduler:
 
     def _next_batch(self) -> list[_Waiting]:
         """Take the next pass's jobs off the queue: the oldest work that fits, or background work when no
-        other work waits. (Called locked.)"""
+        other work waits; jobs whose callers have gone leave the queue. (Called locked.)"""
+        for waiting in [w for w in self._queue if w.gone()]:
+            self._queue.remove(waiting)
+            waiting.job.close()
+            waiting.finish(error=Cancelled("the caller went away before its work ran"))
+        if not self._queue:
+            return []
         foreground = [w for w in self._queue if not w.background]
         candidates, max_tokens = (foreground, self.max_batch_tokens) if foreground else \
             (self._queue, min(self.max_batch_tokens, BACKGROUND_PASS_TOKENS))

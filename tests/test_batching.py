@@ -21,7 +21,7 @@ from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo_common import batched_forward
 from duo_common.batched_forward import NewTokens
 from duo_common.cpu_runtime import apply_cpu_runtime
-from duo_common.errors import ResourceExhausted
+from duo_common.errors import Cancelled, ResourceExhausted
 from duo_common.kv_cache import new_cache
 from duo_common.metrics import ServiceMetrics
 from duo_common.packed_linear import kernel_unavailable_reason
@@ -309,3 +309,36 @@ def test_free_memory_respects_a_containers_memory_limit(tmp_path):
     limit.write_text("max\n")
     assert free_memory_bytes(cpu, ((str(limit), str(usage)),), str(meminfo)) == 32 << 30
     assert free_memory_bytes(cpu, ((str(tmp_path / "none"), str(usage)),), str(meminfo)) == 32 << 30
+
+
+def test_work_whose_caller_has_gone_is_dropped_before_its_pass():
+    """A cancelled stream's queued work (the rest of a long prompt) never reaches a pass."""
+    passes, release = [], threading.Event()
+
+    def forward(batch):
+        passes.append([tokens.token_ids for tokens in batch])
+        release.wait(5)
+        return [torch.zeros(len(tokens.token_ids), 4) for tokens in batch]
+
+    def chunks():
+        for chunk in ((1, 2), (3, 4), (5, 6)):
+            yield NewTokens(chunk, object())
+
+    scheduler = PassScheduler(forward)
+    caller_gone = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            scheduler.run("prompt", chunks(), gone=caller_gone.is_set)
+        except Cancelled as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.2)  # the first chunk's pass is running
+    caller_gone.set()
+    release.set()
+    thread.join(5)
+    scheduler.close()
+    assert passes == [[(1, 2)]] and len(errors) == 1

@@ -4,6 +4,8 @@ pass of the target (``duo_common.pass_scheduler``), as the engine's jobs (``Targ
 
 from __future__ import annotations
 
+from typing import Callable
+
 from duo_common.metrics import ServiceMetrics
 from duo_common.pass_scheduler import PassScheduler
 from duo_common.tree import TokenTree
@@ -18,8 +20,8 @@ class VerifyScheduler(PassScheduler):
         if metrics is not None:
             metrics.kv_cache_tokens.set_function(verifier.cached_tokens)
 
-    def prefill(self, session: TargetSession) -> Prefill:
-        return self.run(session, self.verifier.prefill_job(session))
+    def prefill(self, session: TargetSession, gone: Callable[[], bool] | None = None) -> Prefill:
+        return self.run(session, self.verifier.prefill_job(session), gone=gone)
 
-    def verify(self, session: TargetSession, tree: TokenTree) -> VerifyOutcome:
-        return self.run(session, self.verifier.verify_job(session, tree))
+    def verify(self, session: TargetSession, tree: TokenTree, gone: Callable[[], bool] | None = None) -> VerifyOutcome:
+        return self.run(session, self.verifier.verify_job(session, tree), gone=gone)

@@ -51,7 +51,8 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
         metrics = self._metrics
         with self._sessions.hold(session_id), metrics.sessions_active.track_inprogress():
             metrics.sessions_total.inc()
-            prefill = scheduler.prefill(scheduler.verifier.new_session(prompt, params))
+            gone = lambda: not context.is_active()  # noqa: E731 - a cancelled stream's work is dropped
+            prefill = scheduler.prefill(scheduler.verifier.new_session(prompt, params), gone)
             metrics.prefill_seconds.observe(prefill.compute_s)
             log.info("session %s: prefilled %d tokens in %.3f s", session_id, len(prompt), prefill.compute_s)
             yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s))
@@ -65,7 +66,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                             f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
                         )
                     tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
-                    outcome = scheduler.verify(prefill.session, tree)
+                    outcome = scheduler.verify(prefill.session, tree, gone)
                     metrics.record_verdict(len(tree), len(outcome.acceptance.accepted_nodes), outcome.compute_s)
                     yield pb.VerifyResponse(verdict=pb.Verdict(
                         round=expected_round,
