@@ -166,33 +166,44 @@ def _layers_with_decoder_ops(model, hidden, cos, sin, cache, past: int, attentio
         mask = decoder_ops.additive_mask(attention_mask[0, 0, :, :past + length])
     whole_layers = length <= decoder_ops.SHORT_QUERY_TOKENS and layers[0].definition is not None \
         and all(type(layer_cache) is GrowableLayer for layer_cache in cache.layers)
-    for index, layer in enumerate(layers):
-        if whole_layers:  # one C call, writing the new keys and values into the cache's buffers
-            layer_cache = cache.layers[index]
-            shape = hidden.new_empty(1, layer.kv_heads, length, layer.attention.head_dim)
-            keys, values = layer_cache.room_for(shape, shape)
-            decoder_ops.run_layer(layer.definition, hidden, cos, sin,
-                                  [decoder_ops.Segment(length, keys[0], values[0], past, mask)])
-            layer_cache.filled_to(past + length)
-            continue
-        self_attention = layer.attention
-        heads, kv_heads = layer.heads, layer.kv_heads
-        qkv = layer.qkv(decoder_ops.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon))
-        q, k, v = decoder_ops.rotary_split(qkv, heads, kv_heads, self_attention.head_dim, cos, sin)
-        keys, values = cache.update(k[None], v[None], index)
-        if length <= decoder_ops.SHORT_QUERY_TOKENS:
-            out = decoder_ops.attention(q, keys[0], values[0], mask, self_attention.scaling)
-        else:
-            out, _ = attention(self_attention, q.transpose(0, 1)[None], keys, values, attention_mask,
-                               scaling=self_attention.scaling)
-            out = out.reshape(length, -1)
-        hidden = hidden + layer.o_proj(out)
-        normed = decoder_ops.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon)
-        hidden = hidden + layer.down(decoder_ops.silu_mul(layer.gate_up(normed)))
+    if whole_layers:
+        _whole_layers(layers, hidden, cos, sin, [(cache, past, length, mask)])
+    else:  # the operations between the products one call each
+        for index, layer in enumerate(layers):
+            self_attention = layer.attention
+            heads, kv_heads = layer.heads, layer.kv_heads
+            qkv = layer.qkv(decoder_ops.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon))
+            q, k, v = decoder_ops.rotary_split(qkv, heads, kv_heads, self_attention.head_dim, cos, sin)
+            keys, values = cache.update(k[None], v[None], index)
+            if length <= decoder_ops.SHORT_QUERY_TOKENS:
+                out = decoder_ops.attention(q, keys[0], values[0], mask, self_attention.scaling)
+            else:
+                out, _ = attention(self_attention, q.transpose(0, 1)[None], keys, values, attention_mask,
+                                   scaling=self_attention.scaling)
+                out = out.reshape(length, -1)
+            hidden = hidden + layer.o_proj(out)
+            normed = decoder_ops.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon)
+            hidden = hidden + layer.down(decoder_ops.silu_mul(layer.gate_up(normed)))
     if logits_to_keep:
         hidden = hidden[-logits_to_keep:].contiguous()
     norm = model.model.norm
     return decoder_ops.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+
+
+def _whole_layers(layers: list[_Layer], hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  sequences: list[tuple]) -> None:
+    """Every layer as one C call (``decoder_ops.run_layer``) over hidden [rows, hidden size], in place: the
+    rows are those of ``sequences``, (cache, past, rows, mask) each, in order; each layer writes every
+    sequence's new keys and values straight into its cache's buffers."""
+    for index, layer in enumerate(layers):
+        segments = []
+        for cache, past, rows, mask in sequences:
+            shape = hidden.new_empty(1, layer.kv_heads, rows, layer.attention.head_dim)
+            keys, values = cache.layers[index].room_for(shape, shape)
+            segments.append(decoder_ops.Segment(rows, keys[0], values[0], past, mask))
+        decoder_ops.run_layer(layer.definition, hidden, cos, sin, segments)
+        for cache, past, rows, _ in sequences:
+            cache.layers[index].filled_to(past + rows)
 
 
 def runs_sequences_together(model: nn.Module) -> bool:
@@ -219,16 +230,9 @@ def forward_sequences(model: nn.Module, sequences: list) -> list[torch.Tensor]:
               for s, past in zip(sequences, pasts)]
     cos = torch.cat([cos[0] for cos, _ in tables]).contiguous()
     sin = torch.cat([sin[0] for _, sin in tables]).contiguous()
-    masks = [None if s.visible is None else decoder_ops.additive_mask(s.visible) for s in sequences]
-    for index, layer in enumerate(layers):
-        segments = []
-        for s, past, mask in zip(sequences, pasts, masks):
-            shape = hidden.new_empty(1, layer.kv_heads, len(s.token_ids), layer.attention.head_dim)
-            keys, values = s.cache.layers[index].room_for(shape, shape)
-            segments.append(decoder_ops.Segment(len(s.token_ids), keys[0], values[0], past, mask))
-        decoder_ops.run_layer(layer.definition, hidden, cos, sin, segments)
-        for s, past in zip(sequences, pasts):
-            s.cache.layers[index].filled_to(past + len(s.token_ids))
+    _whole_layers(layers, hidden, cos, sin, [
+        (s.cache, past, len(s.token_ids), None if s.visible is None else decoder_ops.additive_mask(s.visible))
+        for s, past in zip(sequences, pasts)])
     kept, end = [], 0
     for s in sequences:
         end += len(s.token_ids)
