@@ -156,9 +156,17 @@ def _print_stats(result: GenerationResult) -> None:
         f"[duo] {stats['new_tokens']} tokens in {stats['total_s']:.2f} s ({stats['tokens_per_s']:.1f} tokens/s), "
         f"TTFT {stats['ttft_s'] * 1000:.0f} ms, finish: {result.finish_reason.value}\n"
         f"[duo] {stats['rounds']} rounds, {stats['mean_accepted_tokens']:.2f} tokens/round, "
-        f"acceptance {stats['acceptance_rate']:.0%}, draft budget {stats['draft_budget']}",
+        f"acceptance {stats['acceptance_rate']:.0%}, draft budget {stats['draft_budget']}\n"
+        f"[duo] first token: {_first_token_line(stats['first_token'])}",
         err=True,
     )
+
+
+def _first_token_line(parts: dict[str, float]) -> str:
+    """e.g. 'prefill 180 ms, verifier queue 0 ms, ...', largest first."""
+    named = sorted(((name.removesuffix("_s").replace("_", " "), seconds) for name, seconds in parts.items()),
+                   key=lambda item: -item[1])
+    return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in named)
 
 
 @main.command(name="bench")

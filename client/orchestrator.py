@@ -95,7 +95,18 @@ class GenerationResult:
             "draft_compute_s": round(stats.draft_compute_s, 4),
             "verify_compute_s": round(stats.verify_compute_s, 4),
             "verify_round_trip_s": round(stats.verify_round_trip_s, 4),
+            "first_token": self.first_token(),
         }
+
+    def first_token(self) -> dict[str, float]:
+        """Where ``ttft_s`` went, in seconds: the draft service's parts, its own work, and the client's link
+        (the request's way there and the first token's way back)."""
+        times = self.server_stats.first_token
+        parts = {name: getattr(times, name) for name in
+                 ("tokenize_s", "model_info_s", "verifier_queue_s", "prefill_s", "verifier_link_s")}
+        parts["draft_service_s"] = max(0.0, self.server_stats.ttft_s - sum(parts.values()))
+        parts["client_link_s"] = max(0.0, self.ttft_s - self.server_stats.ttft_s)
+        return {name: round(value, 4) for name, value in parts.items()}
 
 
 class Orchestrator:

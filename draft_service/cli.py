@@ -60,6 +60,9 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
          help="Largest max_new_tokens a request may ask for.")
 @_option("--max-prompt-tokens", type=click.IntRange(1), default=None,
          help="Longest prompt accepted, in tokens (default: the target's context).")
+@_option("--draft-prefill", type=click.Choice(["parallel", "after-first-token"]), default="parallel",
+         help="When the draft model reads the prompt: beside the target's prefill, or once the first token is out "
+              "(where both services share cores, so the target's prefill has them all).")
 @_option("--verify-tls-ca", type=_FILE, default=None, help="CA of the verifier's certificate: TLS to the verifier.")
 @_option("--verify-tls-cert", type=_FILE, default=None, help="Client certificate for mutual TLS to the verifier.")
 @_option("--verify-tls-key", type=_FILE, default=None, help="Client key for mutual TLS to the verifier.")
@@ -67,7 +70,7 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
 @common_serve_options("DUO_DRAFT")
 def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s,
-          verify_wait_s, max_new_tokens_limit, max_prompt_tokens,
+          verify_wait_s, max_new_tokens_limit, max_prompt_tokens, draft_prefill,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
           settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""
@@ -86,7 +89,8 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
                            context_copy=context_copy, verify_timeout_s=verify_timeout_s,
                            max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
-                           max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions)
+                           max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions,
+                           draft_prefill_first=draft_prefill == "parallel")
     metrics = ServiceMetrics("draft")
     servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
                                verify_security.metadata)

@@ -15,6 +15,11 @@ class PromptEncoder:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tokenizer, "chat_template", None))
 
+    def warm_up(self) -> None:
+        """Compile the chat template now (about 10 ms at its first use) rather than in front of a first token."""
+        if self.has_chat_template:
+            self.encode_text("hello", True)
+
     def encode_text(self, text: str, apply_chat_template: bool | None) -> tuple[int, ...]:
         """Tokenize text, as one user message in the chat template when asked (default: when there is one)."""
         if not text:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -18,13 +19,14 @@ import grpc
 from draft_service.draft_tree import MAX_WIDTH
 from draft_service.prompts import PromptEncoder
 from draft_service.speculation import SessionPlan, SpeculativeSession
+from draft_service.target_info import TargetInfoCache
 from draft_service.tree_drafter import TreeDrafter
 from draft_service.verifier_link import GrpcVerifierLink
 from duo_common import batched_forward, codec
 from duo_common.compat import check_compatible
 from duo_common.decoder_ops import SHORT_QUERY_TOKENS
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from duo_common.events import CommittedEvent, GenerationEvent
+from duo_common.events import CommittedEvent, FirstTokenTimes, GenerationEvent
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import LoadedModel, ModelInfo
 from duo_common.pass_scheduler import PassScheduler
@@ -49,6 +51,7 @@ class DrafterConfig:
     max_prompt_tokens: int | None = None  # None: whatever the target's context holds
     max_batch_tokens: int = 256  # draft forwards of all sessions share passes (duo_common.pass_scheduler)
     max_batch_sessions: int = 64
+    draft_prefill_first: bool = True  # prefill the draft beside the target (False: after the first token)
 
 
 class BudgetHolder:
@@ -100,6 +103,7 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         self._encoder: PromptEncoder | None = None
         self._tree_attention = False  # whether the draft model takes a tree attention mask
         self._passes: PassScheduler | None = None
+        self._targets = TargetInfoCache(verify_channel, self._ask_target_info)
 
     def attach(self, loaded: LoadedModel) -> None:
         self._tree_attention = supports_tree_attention(loaded.model)
@@ -109,14 +113,19 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
                                      name="draft-passes")
         self._loaded = loaded
         self._encoder = PromptEncoder(loaded.tokenizer)
+        self._encoder.warm_up()
 
     def close(self) -> None:
         """Stop the draft passes (after the server has stopped)."""
         if self._passes is not None:
             self._passes.close()
 
-    def target_info(self, timeout_s: float = 10.0) -> ModelInfo:
-        """The verifier's model, checked against ours: FAILED_PRECONDITION for an incompatible pair."""
+    def target_info(self) -> ModelInfo:
+        """The verifier's model, checked against ours: FAILED_PRECONDITION for an incompatible pair. Asked once
+        per connection to the verifier (``TargetInfoCache``)."""
+        return self._targets.get()[0]
+
+    def _ask_target_info(self, timeout_s: float = 10.0) -> ModelInfo:
         try:
             target = codec.model_info_from_pb(self._verifier_stub.GetModelInfo(
                 pb.ModelInfoRequest(), timeout=timeout_s, metadata=self._verify_metadata))
@@ -142,12 +151,16 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
 
     def _generate(self, request: pb.GenerateRequest, budget_updates, context):
         """Run one generation; ``budget_updates`` is the rest of a Session stream (None for Generate)."""
+        received_at = time.perf_counter()
         loaded = self._model()
-        target = self.target_info()
+        target, asked = self._targets.get()
+        first_token = FirstTokenTimes(model_info_s=time.perf_counter() - received_at if asked else 0.0)
         budget = self._initial_budget(request, target)
         if budget_updates is not None:
             threading.Thread(target=_follow_budget_updates, args=(budget_updates, budget), daemon=True).start()
+        tokenize_started = time.perf_counter()
         prompt = self._prompt(request, target)
+        first_token.tokenize_s = time.perf_counter() - tokenize_started
         params = codec.decoding_from_pb(request.decoding)
         stopping = codec.stopping_from_pb(request.stopping)
         if stopping.max_new_tokens > self._config.max_new_tokens_limit:
@@ -155,7 +168,8 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
                 f"max_new_tokens {stopping.max_new_tokens} exceeds this service's limit {self._config.max_new_tokens_limit}"
             )
         request_id = request.request_id or uuid.uuid4().hex
-        plan = SessionPlan(request_id, prompt, params, target.max_context_tokens, overlap=not request.sequential)
+        plan = SessionPlan(request_id, prompt, params, target.max_context_tokens, overlap=not request.sequential,
+                           draft_prefill_first=self._config.draft_prefill_first)
         stop = StopChecker(stopping, frozenset(target.eos_token_ids), self._encoder.decode)
         stop_ids = frozenset() if stopping.ignore_eos else frozenset(target.eos_token_ids)
         max_tokens = min(target.max_context_tokens, loaded.info.max_context_tokens)
@@ -166,16 +180,18 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
             return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees,
                                self._config.context_copy, self._passes)
 
-        link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata)
+        link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata,
+                                loaded.info.tokenizer_fingerprint)
         session = SpeculativeSession(plan, link, make_drafter, stop, budget)
+        session.stats.first_token = first_token
         metrics = self._metrics
         with self._sessions.hold(request_id), metrics.sessions_active.track_inprogress():
             metrics.sessions_total.inc()
             log.info("session %s: %d prompt tokens, budget %d", request_id, len(prompt), budget())
             started = pb.DraftBudget(max_draft_tokens=budget(), max_branches=budget.max_branches() if trees else 1)
             yield pb.GenerateEvent(started=pb.Started(request_id=request_id, prompt_tokens=len(prompt), budget=started))
-            with contextlib.closing(session.run()) as events:  # closing frees the verifier's session
-                for event in events:
+            with contextlib.closing(session.run(received_at)) as events:  # closing frees the verifier's session
+                for event in _forgetting_target_on_failure(events, self._targets):
                     if not context.is_active():
                         log.info("session %s: client went away", request_id)
                         return
@@ -226,6 +242,16 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         if self._loaded is None:
             raise Unavailable("the draft model is still loading; retry shortly")
         return self._loaded
+
+
+def _forgetting_target_on_failure(events, targets: TargetInfoCache):
+    """The session's events; a failed verifier stream makes the next session ask the verifier's model again
+    (a replaced verifier may run another one)."""
+    try:
+        yield from events
+    except (grpc.RpcError, FailedPrecondition):
+        targets.forget()
+        raise
 
 
 def _follow_budget_updates(request_iterator, budget: BudgetHolder) -> None:

@@ -44,6 +44,7 @@ class SessionPlan:
     params: DecodingParams
     max_sequence_tokens: int  # the target's context
     overlap: bool = True  # draft the next round while the verifier works (False: the sequential schedule)
+    draft_prefill_first: bool = True  # the draft prefills beside the target's prefill (False: after the first token)
 
     @property
     def reproducible(self) -> bool:
@@ -68,8 +69,9 @@ class SpeculativeSession:
         self._budget = budget
         self.stats = SessionStats(prompt_tokens=len(plan.prompt))
 
-    def run(self) -> Iterator[CommittedEvent | FinishedEvent]:
-        started = time.perf_counter()
+    def run(self, received_at: float | None = None) -> Iterator[CommittedEvent | FinishedEvent]:
+        """The session's events; its times count from ``received_at`` (the request's arrival; default: now)."""
+        started = time.perf_counter() if received_at is None else received_at
         try:
             yield from self._run(started)
         finally:
@@ -78,13 +80,18 @@ class SpeculativeSession:
     def _run(self, started: float) -> Iterator[CommittedEvent | FinishedEvent]:
         plan, stats = self._plan, self.stats
         self._link.open(plan.session_id, plan.prompt, plan.params)
-        drafter, draft_prefill = self._start_drafter()
+        drafter, draft_prefill = self._start_drafter() if plan.draft_prefill_first else (None, None)
         prefill = self._link.wait_prefill()
-        stats.ttft_s = time.perf_counter() - started
         stats.verify_compute_s += prefill.compute_s
+        first = stats.first_token
+        first.verifier_queue_s, first.prefill_s = prefill.queue_s, prefill.compute_s
+        first.verifier_link_s = max(0.0, prefill.waited_s - prefill.queue_s - prefill.compute_s)
         committed = [*plan.prompt]
         event = self._commit(committed, [prefill.first_token], None)
+        stats.ttft_s = time.perf_counter() - started
         yield event
+        if not plan.draft_prefill_first:
+            drafter, draft_prefill = self._start_drafter()
         if draft_prefill is not None:
             draft_prefill.join()
         round_number = 0

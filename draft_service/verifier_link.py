@@ -37,14 +37,19 @@ class VerdictReply:
 @dataclass(frozen=True)
 class PrefillReply:
     first_token: int
-    compute_s: float
+    compute_s: float  # the verifier's prefill passes
+    queue_s: float = 0.0  # the verifier's wait for those passes
+    waited_s: float = 0.0  # drafter-measured, session opened to first token received
 
 
 class GrpcVerifierLink:
-    def __init__(self, channel: grpc.Channel, timeout_s: float, metadata: tuple = ()):
+    def __init__(self, channel: grpc.Channel, timeout_s: float, metadata: tuple = (), draft_fingerprint: str = ""):
+        """``draft_fingerprint``: the drafter's tokenizer fingerprint, which the verifier checks at the opening."""
         self._stub = duo_pb2_grpc.VerifierStub(channel)
         self._timeout_s = timeout_s
         self._metadata = metadata
+        self._draft_fingerprint = draft_fingerprint
+        self._opened_at = 0.0
         self._requests: queue.Queue = queue.Queue()
         self._inbox: queue.Queue = queue.Queue()
         self._sent_at: dict[int, float] = {}
@@ -53,17 +58,21 @@ class GrpcVerifierLink:
 
     def open(self, session_id: str, prompt: tuple[int, ...], params: DecodingParams) -> None:
         """Start the session; the verifier prefills and its first token arrives via ``wait_prefill``."""
+        self._opened_at = time.perf_counter()
         self._requests.put(pb.VerifyRequest(open=pb.VerifyOpen(
-            session_id=session_id, prompt_token_ids=list(prompt), decoding=codec.decoding_to_pb(params))))
+            session_id=session_id, prompt_token_ids=list(prompt), decoding=codec.decoding_to_pb(params),
+            draft_tokenizer_fingerprint=self._draft_fingerprint)))
         self._call = self._stub.Verify(iter(self._requests.get, _CLOSE), metadata=self._metadata)
         self._reader = threading.Thread(target=self._read, name=f"verify-reader-{session_id}", daemon=True)
         self._reader.start()
 
     def wait_prefill(self) -> PrefillReply:
         response = self._receive()
+        waited_s = time.perf_counter() - self._opened_at
         if response.WhichOneof("message") != "prefilled":
             raise FailedPrecondition("the verify service did not answer the session opening with its first token")
-        return PrefillReply(response.prefilled.first_token_id, response.prefilled.compute_s)
+        prefilled = response.prefilled
+        return PrefillReply(prefilled.first_token_id, prefilled.compute_s, prefilled.queue_s, waited_s)
 
     def send(self, round_number: int, tree: TokenTree) -> None:
         self._sent_at[round_number] = time.perf_counter()

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from duo_common.errors import InvalidArgument
-from duo_common.events import CommittedEvent, FinishedEvent, GenerationEvent, RoundTimings, SessionStats
+from duo_common.events import (CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent, RoundTimings,
+                               SessionStats)
 from duo_common.models import ModelInfo
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.stopping import FinishReason
@@ -141,8 +142,10 @@ def event_to_pb(event: GenerationEvent) -> pb.GenerateEvent:
         if event.timings is not None:
             message.timings.CopyFrom(pb.RoundTimings(**asdict(event.timings)))
         return pb.GenerateEvent(committed=message)
+    stats = asdict(event.stats)
+    stats["first_token"] = pb.FirstTokenTimes(**stats["first_token"])
     return pb.GenerateEvent(finished=pb.Finished(
-        reason=finish_reason_to_pb(event.reason), text=event.text, stats=pb.GenerationStats(**asdict(event.stats))))
+        reason=finish_reason_to_pb(event.reason), text=event.text, stats=pb.GenerationStats(**stats)))
 
 
 def event_from_pb(message: pb.GenerateEvent) -> GenerationEvent | None:
@@ -157,6 +160,8 @@ def event_from_pb(message: pb.GenerateEvent) -> GenerationEvent | None:
     if kind == "finished":
         finished = message.finished
         stats = SessionStats(**{name: getattr(finished.stats, name) for name in _fields(SessionStats)})
+        stats.first_token = FirstTokenTimes(**{name: getattr(finished.stats.first_token, name)
+                                               for name in _fields(FirstTokenTimes)})
         return FinishedEvent(finish_reason_from_pb(finished.reason), finished.text, stats)
     return None
 

@@ -30,6 +30,18 @@ class CommittedEvent:
 
 
 @dataclass
+class FirstTokenTimes:
+    """Where the first token's time went at the draft service (seconds; ``SessionStats.ttft_s`` is their sum
+    plus the service's own work: building the session, sending the token)."""
+
+    tokenize_s: float = 0.0
+    model_info_s: float = 0.0  # asking the verifier for its model: a round trip, 0 when known for the connection
+    verifier_queue_s: float = 0.0  # the prefill waiting for passes at the verifier (others' work ahead)
+    prefill_s: float = 0.0  # the target's prefill compute
+    verifier_link_s: float = 0.0  # the rest of the wait for the verifier's first token: round trip, stream setup
+
+
+@dataclass
 class SessionStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -42,6 +54,7 @@ class SessionStats:
     verify_compute_s: float = 0.0
     verify_round_trip_s: float = 0.0
     final_draft_budget: int = 0
+    first_token: FirstTokenTimes = field(default_factory=FirstTokenTimes)
 
 
 @dataclass(frozen=True)

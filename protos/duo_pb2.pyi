@@ -115,14 +115,16 @@ class VerifyRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[VerifyOpen, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ...) -> None: ...
 
 class VerifyOpen(_message.Message):
-    __slots__ = ("session_id", "prompt_token_ids", "decoding")
+    __slots__ = ("session_id", "prompt_token_ids", "decoding", "draft_tokenizer_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     decoding: DecodingParams
-    def __init__(self, session_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ...) -> None: ...
+    draft_tokenizer_fingerprint: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., draft_tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("round", "tree")
@@ -141,12 +143,14 @@ class VerifyResponse(_message.Message):
     def __init__(self, prefilled: _Optional[_Union[Prefilled, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class Prefilled(_message.Message):
-    __slots__ = ("first_token_id", "compute_s")
+    __slots__ = ("first_token_id", "compute_s", "queue_s")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     compute_s: float
-    def __init__(self, first_token_id: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    queue_s: float
+    def __init__(self, first_token_id: _Optional[int] = ..., compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "accepted_node_indices", "next_token_id", "compute_s", "batch_sessions", "batch_tokens")
@@ -253,7 +257,7 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "ttft_s", "total_s", "rounds", "drafted_tokens", "accepted_tokens", "draft_compute_s", "verify_compute_s", "verify_round_trip_s", "final_draft_budget")
+    __slots__ = ("prompt_tokens", "new_tokens", "ttft_s", "total_s", "rounds", "drafted_tokens", "accepted_tokens", "draft_compute_s", "verify_compute_s", "verify_round_trip_s", "final_draft_budget", "first_token")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +269,7 @@ class GenerationStats(_message.Message):
     VERIFY_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
     FINAL_DRAFT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     ttft_s: float
@@ -276,4 +281,19 @@ class GenerationStats(_message.Message):
     verify_compute_s: float
     verify_round_trip_s: float
     final_draft_budget: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., final_draft_budget: _Optional[int] = ...) -> None: ...
+    first_token: FirstTokenTimes
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., final_draft_budget: _Optional[int] = ..., first_token: _Optional[_Union[FirstTokenTimes, _Mapping]] = ...) -> None: ...
+
+class FirstTokenTimes(_message.Message):
+    __slots__ = ("tokenize_s", "model_info_s", "verifier_queue_s", "prefill_s", "verifier_link_s")
+    TOKENIZE_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INFO_S_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_S_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_LINK_S_FIELD_NUMBER: _ClassVar[int]
+    tokenize_s: float
+    model_info_s: float
+    verifier_queue_s: float
+    prefill_s: float
+    verifier_link_s: float
+    def __init__(self, tokenize_s: _Optional[float] = ..., model_info_s: _Optional[float] = ..., verifier_queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., verifier_link_s: _Optional[float] = ...) -> None: ...

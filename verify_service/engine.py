@@ -50,7 +50,8 @@ class TargetSession:
 class Prefill:
     session: TargetSession
     first_token: int
-    compute_s: float
+    compute_s: float  # its passes' seconds
+    queue_s: float = 0.0  # seconds it waited for those passes (set by the scheduler)
 
 
 @dataclass(frozen=True)

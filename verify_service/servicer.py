@@ -45,7 +45,14 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
             raise FailedPrecondition("a Verify stream must start with VerifyOpen")
         session_id = opening.open.session_id or uuid.uuid4().hex
         scheduler = self._scheduler
-        vocab_size = scheduler.verifier.info.vocab_size
+        info = scheduler.verifier.info
+        vocab_size = info.vocab_size
+        expected = opening.open.draft_tokenizer_fingerprint
+        if expected and expected != info.tokenizer_fingerprint:
+            raise FailedPrecondition(
+                f"this verifier runs {info.model_name!r}, whose tokenizer differs from the drafter's; "
+                "the drafter must speculate with a model that shares the target's tokenizer"
+            )
         prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
         params = codec.decoding_from_pb(opening.open.decoding)
         metrics = self._metrics
@@ -55,7 +62,8 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
             prefill = scheduler.prefill(scheduler.verifier.new_session(prompt, params), gone)
             metrics.prefill_seconds.observe(prefill.compute_s)
             log.info("session %s: prefilled %d tokens in %.3f s", session_id, len(prompt), prefill.compute_s)
-            yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s))
+            yield pb.VerifyResponse(prefilled=pb.Prefilled(first_token_id=prefill.first_token, compute_s=prefill.compute_s,
+                                                           queue_s=prefill.queue_s))
             expected_round = 1
             try:
                 for request in request_iterator:
