@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from client.bench import percentile
 from client.budget import AdaptiveBudget, ControllerConfig
 from client.embedded import EmbeddedConfig, embedded_services
 from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
@@ -87,11 +88,6 @@ def encode_prompts(tokenizer, path: Path, count: int) -> list[list[int]]:
         raise SystemExit(f"{path} has {len(prompts)} prompts; the largest concurrency needs {count}")
     return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False) for p in prompts[:count]]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def run_wave(orchestrator: Orchestrator, system: str, prompts: list[list[int]], max_new_tokens: int,

@@ -15,7 +15,6 @@ Greedy outputs of all systems but hf-generate-bf16 must be identical; the report
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,7 +55,8 @@ class SystemSummary:
     system: str
     tokens_per_s: float
     ratio_to_hf_generate: float
-    ttft_s: float
+    ttft_p50_s: float
+    ttft_p90_s: float
     mean_committed_per_round: float | None
     acceptance_rate: float | None
     overlap_efficiency: float | None
@@ -177,7 +177,8 @@ def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
             system=system,
             tokens_per_s=rate,
             ratio_to_hf_generate=rate / base_rate if base_rate else 0.0,
-            ttft_s=statistics.mean(run.ttft_s for run in mine),
+            ttft_p50_s=percentile([run.ttft_s for run in mine], 0.5),
+            ttft_p90_s=percentile([run.ttft_s for run in mine], 0.9),
             mean_committed_per_round=(sum(len(r.token_ids) - 1 for r in mine) / rounds) if rounds else None,
             acceptance_rate=(sum(run.accepted for run in mine) / drafted) if drafted else None,
             overlap_efficiency=_overlap_efficiency(mine) if rounds else None,
@@ -187,6 +188,12 @@ def summarise(runs: list[Run], systems: list[str]) -> list[SystemSummary]:
             runs=mine,
         ))
     return summaries
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (the median of an even count: the upper middle value)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _overlap_efficiency(runs: list[Run]) -> float:
@@ -202,11 +209,13 @@ def _overlap_efficiency(runs: list[Run]) -> float:
 
 
 def format_table(summaries: list[SystemSummary]) -> str:
-    header = f"{'system':<16}{'tok/s':>8}{'× HF':>7}{'TTFT ms':>9}{'tok/round':>10}{'accept':>8}{'overlap':>9}  same"
+    header = (f"{'system':<16}{'tok/s':>8}{'× HF':>7}{'TTFT p50':>9}{'p90 ms':>7}{'tok/round':>10}{'accept':>8}"
+              f"{'overlap':>9}  same")
     lines = [header, "-" * len(header)]
     for s in summaries:
         lines.append(
-            f"{s.system:<16}{s.tokens_per_s:>8.2f}{s.ratio_to_hf_generate:>7.2f}{s.ttft_s * 1000:>9.0f}"
+            f"{s.system:<16}{s.tokens_per_s:>8.2f}{s.ratio_to_hf_generate:>7.2f}{s.ttft_p50_s * 1000:>9.0f}"
+            f"{s.ttft_p90_s * 1000:>7.0f}"
             f"{_opt(s.mean_committed_per_round, '.2f'):>10}{_opt(s.acceptance_rate, '.0%'):>8}"
             f"{_opt(s.overlap_efficiency, '.2f'):>9}  {_same(s.identical_to_reference)}"
         )

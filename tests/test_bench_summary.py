@@ -29,3 +29,11 @@ def test_without_hf_generate_the_first_system_is_the_base():
     runs = [run("duo-nospec", 0, [1, 2], 1.0), run("duo-auto", 0, [1, 2], 0.5)]
     summaries = summarise(runs, ["duo-nospec", "duo-auto"])
     assert [s.ratio_to_hf_generate for s in summaries] == [1.0, 2.0]
+
+
+def test_first_token_latency_is_reported_as_median_and_90th_percentile():
+    runs = [Run("duo-auto", index, [1, 2], total_s=1.0, ttft_s=seconds)
+            for index, seconds in enumerate([0.1, 0.5, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0])]
+    (summary,) = summarise(runs, ["duo-auto"])
+    assert summary.ttft_p50_s == 0.6 and summary.ttft_p90_s == 1.0
+    assert "TTFT p50" in format_table([summary])
