@@ -48,6 +48,7 @@ class Run:
     draft_s_per_round: float = 0.0
     verify_s_per_round: float = 0.0
     network_s_per_round: float = 0.0
+    first_token: dict[str, float] = field(default_factory=dict)  # duo's breakdown (GenerationResult.first_token)
 
 
 @dataclass
@@ -154,6 +155,7 @@ def run_from_result(system: str, index: int, result: GenerationResult) -> Run:
         draft_s_per_round=sum(r.draft_compute_s for r in rounds) / count,
         verify_s_per_round=sum(r.verify_compute_s for r in rounds) / count,
         network_s_per_round=sum(max(0.0, r.verify_round_trip_s - r.verify_compute_s) for r in rounds) / count,
+        first_token=result.first_token(),
     )
 
 
