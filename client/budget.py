@@ -4,7 +4,8 @@ From the timings each round reports, the controller keeps running estimates of
   draft_s_per_token   drafter compute per drafted token
   verify_s(n)         verifier compute for a proposal of n nodes, measured per size; where the verifier
                       batches sessions, per size of its whole pass (below)
-  network_s           round trip minus verifier compute (network, queues, serialisation)
+  network_s           round trip minus verifier compute and minus the wait for the pass (network,
+                      serialisation)
   a_d                 acceptance at depth d: the chance the target accepts draft token d given that it
                       accepted the d - 1 before it, measured per depth
 and picks the budget k maximising
@@ -34,6 +35,12 @@ pass in which each of the sessions that share it (measured: their mean number) p
 choosing that way maximises the committed tokens of the whole pass per second (SmartSpec's goodput), so
 proposals shrink as the verifier fills up: a draft token that the target would accept half the time costs
 the same row as a session's own next token, which it always gets.
+
+The wait for a pass is left out of network_s (the verifier reports it with each verdict): it follows the
+other sessions' schedules, not this session's budget. Counted in, it dilutes what a draft row costs exactly
+when the verifier is busiest (a round that waits anyway seems to get its draft rows verified for little), so
+every session keeps speculating and every pass swells with all their draft rows (measured at eight sessions
+on two cores: budgets of 1-2 for half the generation, instead of 0 after a dozen rounds).
 
 Acceptance is measured per depth because it is not the same at every depth: a distilled draft's agreement
 comes in runs (easy stretches of text, where it keeps agreeing, and hard ones, where it misses at once), so
@@ -236,7 +243,9 @@ class AdaptiveBudget:
         self._rounds_since_proposal = 0 if timings.proposal_size else self._rounds_since_proposal + 1
         if timings.draft_tokens > 0:
             self._draft_s_per_token.update(timings.draft_compute_s / timings.draft_tokens)
-        self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s))
+        # The wait for a pass follows the other sessions' schedules, not this budget (below).
+        self._network_s.update(max(0.0, timings.verify_round_trip_s - timings.verify_compute_s
+                                   - timings.verify_queue_s))
         self._verified_without_proposal |= timings.proposal_size == 0
         self._largest_proposal = max(self._largest_proposal, timings.proposal_size)
         # A pass over t tokens costs what a session alone proposing t - 1 nodes would.

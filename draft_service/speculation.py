@@ -123,6 +123,7 @@ class SpeculativeSession:
                 draft_ahead_s=(drafter.compute_s - ahead_from) if drafter else 0.0,
                 verify_batch_sessions=verdict.batch_sessions,
                 verify_batch_tokens=verdict.batch_tokens,
+                verify_queue_s=verdict.queue_s,
             )
             self._account(timings)
             new_tokens = [tree.token_ids[node] for node in verdict.accepted_nodes] + [verdict.next_token]

@@ -32,6 +32,7 @@ class VerdictReply:
     round_trip_s: float  # drafter-measured, send to receipt
     batch_sessions: int = 0  # sessions and tokens of the verifier's pass (0: not said)
     batch_tokens: int = 0
+    queue_s: float = 0.0  # of round_trip_s, the wait at the verifier for that pass
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class GrpcVerifierLink:
             round_trip_s=received_at - self._sent_at.pop(verdict.round, received_at),
             batch_sessions=verdict.batch_sessions,
             batch_tokens=verdict.batch_tokens,
+            queue_s=verdict.queue_s,
         )
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ class RoundTimings:
     draft_ahead_s: float = 0.0  # of draft_compute_s, drafted ahead behind verification (0: none or not said)
     verify_batch_sessions: int = 0  # sessions the verifier's pass served (it batches); 0: not said
     verify_batch_tokens: int = 0  # tokens that pass scored, over all its sessions
+    verify_queue_s: float = 0.0  # of verify_round_trip_s, the wait at the verifier for the pass (0: not said)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class Scored:
     pass_s: float
     pass_sequences: int = 1
     pass_tokens: int = 0
+    wait_s: float = 0.0  # how long the job's tokens waited for this pass
 
 
 Job = Generator[NewTokens, Scored, object]
@@ -203,7 +204,7 @@ class PassScheduler:
         again, answered = [], []
         for waiting, rows in zip(batch, logits):
             try:
-                waiting.tokens = waiting.job.send(Scored(rows, pass_s, len(batch), tokens))
+                waiting.tokens = waiting.job.send(Scored(rows, pass_s, len(batch), tokens, started - waiting.since))
                 waiting.since = time.perf_counter()
                 again.append(waiting)
             except StopIteration as finished:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/duo.proto\x12\x06\x64uo.v1\"_\n\x0e\x44\x65\x63odingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStoppingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x14\n\x0cstop_strings\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"n\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x02 \x03(\x05\x12\x36\n\x13\x64raft_distributions\x18\x03 \x03(\x0b\x32\x19.duo.v1.DraftDistribution\"&\n\x11\x44raftDistribution\x12\x11\n\tprobs_f32\x18\x01 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xd4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x08 \x01(\r\x12\x16\n\x0etree_attention\x18\t \x01(\x08\"\x8d\x02\n\x0cRoundTimings\x12\x17\n\x0f\x64raft_compute_s\x18\x01 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\x02 \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\x03 \x01(\x01\x12\x15\n\rproposal_size\x18\x04 \x01(\r\x12\x15\n\raccepted_size\x18\x05 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x16\n\x0eproposal_depth\x18\x07 \x01(\r\x12\x15\n\rdraft_ahead_s\x18\x08 \x01(\x01\x12\x1d\n\x15verify_batch_sessions\x18\t \x01(\r\x12\x1b\n\x13verify_batch_tokens\x18\n \x01(\r\"d\n\rVerifyRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.duo.v1.VerifyOpenH\x00\x12$\n\x08proposal\x18\x02 \x01(\x0b\x32\x10.duo.v1.ProposalH\x00\x42\t\n\x07message\"\x89\x01\n\nVerifyOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12#\n\x1b\x64raft_tokenizer_fingerprint\x18\x04 \x01(\t\":\n\x08Proposal\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1f\n\x04tree\x18\x02 \x01(\x0b\x32\x11.duo.v1.TokenTree\"g\n\x0eVerifyResponse\x12&\n\tprefilled\x18\x01 \x01(\x0b\x32\x11.duo.v1.PrefilledH\x00\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.duo.v1.VerdictH\x00\x42\t\n\x07message\"G\n\tPrefilled\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\"\x8f\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x05 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x06 \x01(\r\"m\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.duo.v1.GenerateRequestH\x00\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.duo.v1.BudgetUpdateH\x00\x42\t\n\x07message\"\xbd\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.duo.v1.TokenIdsH\x00\x12 \n\x13\x61pply_chat_template\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12(\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12(\n\x08stopping\x18\x05 \x01(\x0b\x32\x16.duo.v1.StoppingParams\x12(\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x13.duo.v1.DraftBudgetH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nsequential\x18\x08 \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_apply_chat_templateB\t\n\x07_budget\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x0b\x44raftBudget\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"3\n\x0c\x42udgetUpdate\x12#\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"\x8a\x01\n\rGenerateEvent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.duo.v1.StartedH\x00\x12&\n\tcommitted\x18\x02 \x01(\x0b\x32\x11.duo.v1.CommittedH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.duo.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"Y\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"Y\n\tCommitted\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.duo.v1.RoundTimings\"f\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.duo.v1.FinishReason\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.duo.v1.GenerationStats\"\xb8\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x17\n\x0f\x64raft_compute_s\x18\x08 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\t \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\n \x01(\x01\x12\x1a\n\x12\x66inal_draft_budget\x18\x0b \x01(\r\x12,\n\x0b\x66irst_token\x18\x0c \x01(\x0b\x32\x17.duo.v1.FirstTokenTimes\"\x81\x01\n\x0f\x46irstTokenTimes\x12\x12\n\ntokenize_s\x18\x01 \x01(\x01\x12\x14\n\x0cmodel_info_s\x18\x02 \x01(\x01\x12\x18\n\x10verifier_queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x17\n\x0fverifier_link_s\x18\x05 \x01(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x84\x01\n\x08Verifier\x12;\n\x06Verify\x12\x15.duo.v1.VerifyRequest\x1a\x16.duo.v1.VerifyResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfo2\xc2\x01\n\x07\x44rafter\x12<\n\x07Session\x12\x16.duo.v1.SessionRequest\x1a\x15.duo.v1.GenerateEvent(\x01\x30\x01\x12<\n\x08Generate\x12\x17.duo.v1.GenerateRequest\x1a\x15.duo.v1.GenerateEvent0\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10protos/duo.proto\x12\x06\x64uo.v1\"_\n\x0e\x44\x65\x63odingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStoppingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x14\n\x0cstop_strings\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"n\n\tTokenTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x16\n\x0eparent_indices\x18\x02 \x03(\x05\x12\x36\n\x13\x64raft_distributions\x18\x03 \x03(\x0b\x32\x19.duo.v1.DraftDistribution\"&\n\x11\x44raftDistribution\x12\x11\n\tprobs_f32\x18\x01 \x01(\x0c\"\x12\n\x10ModelInfoRequest\"\xd4\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_tree_nodes\x18\x08 \x01(\r\x12\x16\n\x0etree_attention\x18\t \x01(\x08\"\xa5\x02\n\x0cRoundTimings\x12\x17\n\x0f\x64raft_compute_s\x18\x01 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\x02 \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\x03 \x01(\x01\x12\x15\n\rproposal_size\x18\x04 \x01(\r\x12\x15\n\raccepted_size\x18\x05 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x06 \x01(\r\x12\x16\n\x0eproposal_depth\x18\x07 \x01(\r\x12\x15\n\rdraft_ahead_s\x18\x08 \x01(\x01\x12\x1d\n\x15verify_batch_sessions\x18\t \x01(\r\x12\x1b\n\x13verify_batch_tokens\x18\n \x01(\r\x12\x16\n\x0everify_queue_s\x18\x0b \x01(\x01\"d\n\rVerifyRequest\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.duo.v1.VerifyOpenH\x00\x12$\n\x08proposal\x18\x02 \x01(\x0b\x32\x10.duo.v1.ProposalH\x00\x42\t\n\x07message\"\x89\x01\n\nVerifyOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12(\n\x08\x64\x65\x63oding\x18\x03 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12#\n\x1b\x64raft_tokenizer_fingerprint\x18\x04 \x01(\t\":\n\x08Proposal\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1f\n\x04tree\x18\x02 \x01(\x0b\x32\x11.duo.v1.TokenTree\"g\n\x0eVerifyResponse\x12&\n\tprefilled\x18\x01 \x01(\x0b\x32\x11.duo.v1.PrefilledH\x00\x12\"\n\x07verdict\x18\x02 \x01(\x0b\x32\x0f.duo.v1.VerdictH\x00\x42\t\n\x07message\"G\n\tPrefilled\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\"\xa0\x01\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_node_indices\x18\x02 \x03(\x05\x12\x15\n\rnext_token_id\x18\x03 \x01(\x05\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x16\n\x0e\x62\x61tch_sessions\x18\x05 \x01(\r\x12\x14\n\x0c\x62\x61tch_tokens\x18\x06 \x01(\r\x12\x0f\n\x07queue_s\x18\x07 \x01(\x01\"m\n\x0eSessionRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.duo.v1.GenerateRequestH\x00\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x14.duo.v1.BudgetUpdateH\x00\x42\t\n\x07message\"\xbd\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12%\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x10.duo.v1.TokenIdsH\x00\x12 \n\x13\x61pply_chat_template\x18\x03 \x01(\x08H\x01\x88\x01\x01\x12(\n\x08\x64\x65\x63oding\x18\x04 \x01(\x0b\x32\x16.duo.v1.DecodingParams\x12(\n\x08stopping\x18\x05 \x01(\x0b\x32\x16.duo.v1.StoppingParams\x12(\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x13.duo.v1.DraftBudgetH\x02\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nsequential\x18\x08 \x01(\x08\x42\x08\n\x06promptB\x16\n\x14_apply_chat_templateB\t\n\x07_budget\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x0b\x44raftBudget\x12\x18\n\x10max_draft_tokens\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"3\n\x0c\x42udgetUpdate\x12#\n\x06\x62udget\x18\x01 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"\x8a\x01\n\rGenerateEvent\x12\"\n\x07started\x18\x01 \x01(\x0b\x32\x0f.duo.v1.StartedH\x00\x12&\n\tcommitted\x18\x02 \x01(\x0b\x32\x11.duo.v1.CommittedH\x00\x12$\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x10.duo.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"Y\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12#\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x13.duo.v1.DraftBudget\"Y\n\tCommitted\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.duo.v1.RoundTimings\"f\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.duo.v1.FinishReason\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.duo.v1.GenerationStats\"\xb8\x02\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0e\n\x06rounds\x18\x05 \x01(\r\x12\x16\n\x0e\x64rafted_tokens\x18\x06 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x07 \x01(\r\x12\x17\n\x0f\x64raft_compute_s\x18\x08 \x01(\x01\x12\x18\n\x10verify_compute_s\x18\t \x01(\x01\x12\x1b\n\x13verify_round_trip_s\x18\n \x01(\x01\x12\x1a\n\x12\x66inal_draft_budget\x18\x0b \x01(\r\x12,\n\x0b\x66irst_token\x18\x0c \x01(\x0b\x32\x17.duo.v1.FirstTokenTimes\"\x81\x01\n\x0f\x46irstTokenTimes\x12\x12\n\ntokenize_s\x18\x01 \x01(\x01\x12\x14\n\x0cmodel_info_s\x18\x02 \x01(\x01\x12\x18\n\x10verifier_queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x17\n\x0fverifier_link_s\x18\x05 \x01(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x84\x01\n\x08Verifier\x12;\n\x06Verify\x12\x15.duo.v1.VerifyRequest\x1a\x16.duo.v1.VerifyResponse(\x01\x30\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfo2\xc2\x01\n\x07\x44rafter\x12<\n\x07Session\x12\x16.duo.v1.SessionRequest\x1a\x15.duo.v1.GenerateEvent(\x01\x30\x01\x12<\n\x08Generate\x12\x17.duo.v1.GenerateRequest\x1a\x15.duo.v1.GenerateEvent0\x01\x12;\n\x0cGetModelInfo\x12\x18.duo.v1.ModelInfoRequest\x1a\x11.duo.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.duo_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2940
-  _globals['_FINISHREASON']._serialized_end=3058
+  _globals['_FINISHREASON']._serialized_start=2981
+  _globals['_FINISHREASON']._serialized_end=3099
   _globals['_DECODINGPARAMS']._serialized_start=28
   _globals['_DECODINGPARAMS']._serialized_end=123
   _globals['_STOPPINGPARAMS']._serialized_start=125
@@ -46,43 +46,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_start=382
   _globals['_MODELINFO']._serialized_end=594
   _globals['_ROUNDTIMINGS']._serialized_start=597
-  _globals['_ROUNDTIMINGS']._serialized_end=866
-  _globals['_VERIFYREQUEST']._serialized_start=868
-  _globals['_VERIFYREQUEST']._serialized_end=968
-  _globals['_VERIFYOPEN']._serialized_start=971
-  _globals['_VERIFYOPEN']._serialized_end=1108
-  _globals['_PROPOSAL']._serialized_start=1110
-  _globals['_PROPOSAL']._serialized_end=1168
-  _globals['_VERIFYRESPONSE']._serialized_start=1170
-  _globals['_VERIFYRESPONSE']._serialized_end=1273
-  _globals['_PREFILLED']._serialized_start=1275
-  _globals['_PREFILLED']._serialized_end=1346
-  _globals['_VERDICT']._serialized_start=1349
-  _globals['_VERDICT']._serialized_end=1492
-  _globals['_SESSIONREQUEST']._serialized_start=1494
-  _globals['_SESSIONREQUEST']._serialized_end=1603
-  _globals['_GENERATEREQUEST']._serialized_start=1606
-  _globals['_GENERATEREQUEST']._serialized_end=1923
-  _globals['_TOKENIDS']._serialized_start=1925
-  _globals['_TOKENIDS']._serialized_end=1948
-  _globals['_DRAFTBUDGET']._serialized_start=1950
-  _globals['_DRAFTBUDGET']._serialized_end=2011
-  _globals['_BUDGETUPDATE']._serialized_start=2013
-  _globals['_BUDGETUPDATE']._serialized_end=2064
-  _globals['_GENERATEEVENT']._serialized_start=2067
-  _globals['_GENERATEEVENT']._serialized_end=2205
-  _globals['_STARTED']._serialized_start=2207
-  _globals['_STARTED']._serialized_end=2296
-  _globals['_COMMITTED']._serialized_start=2298
-  _globals['_COMMITTED']._serialized_end=2387
-  _globals['_FINISHED']._serialized_start=2389
-  _globals['_FINISHED']._serialized_end=2491
-  _globals['_GENERATIONSTATS']._serialized_start=2494
-  _globals['_GENERATIONSTATS']._serialized_end=2806
-  _globals['_FIRSTTOKENTIMES']._serialized_start=2809
-  _globals['_FIRSTTOKENTIMES']._serialized_end=2938
-  _globals['_VERIFIER']._serialized_start=3061
-  _globals['_VERIFIER']._serialized_end=3193
-  _globals['_DRAFTER']._serialized_start=3196
-  _globals['_DRAFTER']._serialized_end=3390
+  _globals['_ROUNDTIMINGS']._serialized_end=890
+  _globals['_VERIFYREQUEST']._serialized_start=892
+  _globals['_VERIFYREQUEST']._serialized_end=992
+  _globals['_VERIFYOPEN']._serialized_start=995
+  _globals['_VERIFYOPEN']._serialized_end=1132
+  _globals['_PROPOSAL']._serialized_start=1134
+  _globals['_PROPOSAL']._serialized_end=1192
+  _globals['_VERIFYRESPONSE']._serialized_start=1194
+  _globals['_VERIFYRESPONSE']._serialized_end=1297
+  _globals['_PREFILLED']._serialized_start=1299
+  _globals['_PREFILLED']._serialized_end=1370
+  _globals['_VERDICT']._serialized_start=1373
+  _globals['_VERDICT']._serialized_end=1533
+  _globals['_SESSIONREQUEST']._serialized_start=1535
+  _globals['_SESSIONREQUEST']._serialized_end=1644
+  _globals['_GENERATEREQUEST']._serialized_start=1647
+  _globals['_GENERATEREQUEST']._serialized_end=1964
+  _globals['_TOKENIDS']._serialized_start=1966
+  _globals['_TOKENIDS']._serialized_end=1989
+  _globals['_DRAFTBUDGET']._serialized_start=1991
+  _globals['_DRAFTBUDGET']._serialized_end=2052
+  _globals['_BUDGETUPDATE']._serialized_start=2054
+  _globals['_BUDGETUPDATE']._serialized_end=2105
+  _globals['_GENERATEEVENT']._serialized_start=2108
+  _globals['_GENERATEEVENT']._serialized_end=2246
+  _globals['_STARTED']._serialized_start=2248
+  _globals['_STARTED']._serialized_end=2337
+  _globals['_COMMITTED']._serialized_start=2339
+  _globals['_COMMITTED']._serialized_end=2428
+  _globals['_FINISHED']._serialized_start=2430
+  _globals['_FINISHED']._serialized_end=2532
+  _globals['_GENERATIONSTATS']._serialized_start=2535
+  _globals['_GENERATIONSTATS']._serialized_end=2847
+  _globals['_FIRSTTOKENTIMES']._serialized_start=2850
+  _globals['_FIRSTTOKENTIMES']._serialized_end=2979
+  _globals['_VERIFIER']._serialized_start=3102
+  _globals['_VERIFIER']._serialized_end=3234
+  _globals['_DRAFTER']._serialized_start=3237
+  _globals['_DRAFTER']._serialized_end=3431
 # @@protoc_insertion_point(module_scope)

@@ -83,7 +83,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context_tokens: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_tree_nodes: _Optional[int] = ..., tree_attention: _Optional[bool] = ...) -> None: ...
 
 class RoundTimings(_message.Message):
-    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens", "proposal_depth", "draft_ahead_s", "verify_batch_sessions", "verify_batch_tokens")
+    __slots__ = ("draft_compute_s", "verify_compute_s", "verify_round_trip_s", "proposal_size", "accepted_size", "draft_tokens", "proposal_depth", "draft_ahead_s", "verify_batch_sessions", "verify_batch_tokens", "verify_queue_s")
     DRAFT_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class RoundTimings(_message.Message):
     DRAFT_AHEAD_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     draft_compute_s: float
     verify_compute_s: float
     verify_round_trip_s: float
@@ -104,7 +105,8 @@ class RoundTimings(_message.Message):
     draft_ahead_s: float
     verify_batch_sessions: int
     verify_batch_tokens: int
-    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., proposal_depth: _Optional[int] = ..., draft_ahead_s: _Optional[float] = ..., verify_batch_sessions: _Optional[int] = ..., verify_batch_tokens: _Optional[int] = ...) -> None: ...
+    verify_queue_s: float
+    def __init__(self, draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., proposal_size: _Optional[int] = ..., accepted_size: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., proposal_depth: _Optional[int] = ..., draft_ahead_s: _Optional[float] = ..., verify_batch_sessions: _Optional[int] = ..., verify_batch_tokens: _Optional[int] = ..., verify_queue_s: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("open", "proposal")
@@ -153,20 +155,22 @@ class Prefilled(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., compute_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "accepted_node_indices", "next_token_id", "compute_s", "batch_sessions", "batch_tokens")
+    __slots__ = ("round", "accepted_node_indices", "next_token_id", "compute_s", "batch_sessions", "batch_tokens", "queue_s")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_NODE_INDICES_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     round: int
     accepted_node_indices: _containers.RepeatedScalarFieldContainer[int]
     next_token_id: int
     compute_s: float
     batch_sessions: int
     batch_tokens: int
-    def __init__(self, round: _Optional[int] = ..., accepted_node_indices: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., compute_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
+    queue_s: float
+    def __init__(self, round: _Optional[int] = ..., accepted_node_indices: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., compute_s: _Optional[float] = ..., batch_sessions: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("start", "budget")

@@ -9,6 +9,7 @@ greedy and seeded sampling, one cancelled midway) produce exactly what each prod
 from __future__ import annotations
 
 import gc
+import random
 import threading
 import time
 
@@ -16,12 +17,13 @@ import grpc
 import pytest
 import torch
 
-from client.budget import BudgetModel
+from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
 from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo_common import batched_forward
 from duo_common.batched_forward import NewTokens
 from duo_common.cpu_runtime import apply_cpu_runtime
 from duo_common.errors import Cancelled, ResourceExhausted
+from duo_common.events import RoundTimings
 from duo_common.kv_cache import new_cache
 from duo_common.metrics import ServiceMetrics
 from duo_common.packed_linear import kernel_unavailable_reason
@@ -227,6 +229,63 @@ def test_a_shared_verifier_makes_the_controller_shrink_proposals():
     assert alone.best_budget(16) >= 2
     assert shared.best_budget(16) < alone.best_budget(16)
     assert shared.verify_s(1) == pytest.approx(0.034 + 0.010 * 16)
+
+
+def test_a_jobs_wait_for_its_pass_is_reported_with_its_logits():
+    release = threading.Event()
+
+    def forward(batch):
+        release.wait(5)
+        return [torch.zeros(len(tokens.token_ids), 4) for tokens in batch]
+
+    def waited(tokens):
+        scored = yield tokens
+        return scored.wait_s
+
+    scheduler = PassScheduler(forward)
+    results = {}
+    cache = object()
+    first = threading.Thread(target=lambda: results.update(first=scheduler.run("a", waited(NewTokens((1,), cache)))))
+    first.start()
+    time.sleep(0.1)  # the first pass is running, held
+    second = threading.Thread(target=lambda: results.update(second=scheduler.run("b", waited(NewTokens((2,), cache)))))
+    second.start()
+    time.sleep(0.3)
+    release.set()
+    first.join(5)
+    second.join(5)
+    scheduler.close()
+    assert results["first"] < 0.1
+    assert results["second"] >= 0.25  # it waited for the first pass to end
+
+
+def _shared_verifier_rounds(controller: AdaptiveBudget, report_queue: bool, rounds: int = 120) -> list[int]:
+    """Eight sessions share each pass, whose cost grows by rows (as on a CPU); every proposal also waits
+    0.15 s for a pass (the others' schedules); the draft agrees 60% of the time."""
+    rng = random.Random(0)
+    budgets = []
+    for _ in range(rounds):
+        budget = controller.budget
+        budgets.append(budget)
+        pass_tokens = 8 * (budget + 1)
+        compute_s, queue_s = 0.034 + 0.010 * pass_tokens, 0.15
+        accepted = 0
+        while accepted < budget and rng.random() < 0.6:
+            accepted += 1
+        controller.after_round(RoundTimings(
+            draft_compute_s=0.003 * budget, verify_compute_s=compute_s, verify_round_trip_s=compute_s + queue_s + 0.002,
+            proposal_size=budget, accepted_size=accepted, draft_tokens=budget, verify_batch_sessions=8,
+            verify_batch_tokens=pass_tokens, verify_queue_s=queue_s if report_queue else 0.0))
+    return budgets
+
+
+def test_the_wait_for_a_shared_pass_does_not_make_draft_rows_look_free():
+    """Counted as network time, a wait that every round pays whatever its budget dilutes the cost of draft
+    rows, and every session keeps speculating into passes that all of them then wait longer for."""
+    told = _shared_verifier_rounds(AdaptiveBudget(ControllerConfig(max_branches=1)), report_queue=True)
+    not_told = _shared_verifier_rounds(AdaptiveBudget(ControllerConfig(max_branches=1)), report_queue=False)
+    assert sum(told[-60:]) < sum(not_told[-60:])
+    assert told[-60:].count(0) >= 45
 
 
 @pytest.mark.parametrize("max_batch_sessions", [8, 1])

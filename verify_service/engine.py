@@ -51,7 +51,7 @@ class Prefill:
     session: TargetSession
     first_token: int
     compute_s: float  # its passes' seconds
-    queue_s: float = 0.0  # seconds it waited for those passes (set by the scheduler)
+    queue_s: float = 0.0  # seconds it waited for those passes
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class VerifyOutcome:
     compute_s: float  # the forward pass's seconds
     batch_sessions: int = 1  # sessions that pass served
     batch_tokens: int = 0  # tokens it scored, over all its sessions
+    queue_s: float = 0.0  # how long the proposal waited for that pass
 
 
 class TargetVerifier:
@@ -114,16 +115,17 @@ class TargetVerifier:
 
     def prefill_job(self, session: TargetSession) -> Job:
         """The job that prefills the session's prompt and picks its first token; returns a ``Prefill``."""
-        compute_s = 0.0
+        compute_s = queue_s = 0.0
         prompt, chunk = session.prompt, self.prefill_chunk_tokens
         for start in range(0, len(prompt), chunk):
             last = start + chunk >= len(prompt)
             scored = yield NewTokens(prompt[start:start + chunk], session.cache, kept_logits=1 if last else 0)
             compute_s += scored.pass_s
+            queue_s += scored.wait_s
         probs = logits_to_probs(scored.logits[-1:], session.params)[0]
         first = int(probs.argmax()) if session.params.is_greedy else sample(probs, session.generator)
         session.cached_tokens, session.pending_token = len(prompt), first
-        return Prefill(session, first, compute_s)
+        return Prefill(session, first, compute_s, queue_s)
 
     def verify_job(self, session: TargetSession, tree: TokenTree) -> Job:
         """The job that scores a proposal and keeps what the target accepts; returns a ``VerifyOutcome``."""
@@ -139,7 +141,7 @@ class TargetVerifier:
         else:
             acceptance = accept_sampled(tree, logits_to_probs(scored.logits, session.params), session.generator)
         self._keep_accepted(session, tree, acceptance)
-        return VerifyOutcome(acceptance, scored.pass_s, scored.pass_sequences, scored.pass_tokens)
+        return VerifyOutcome(acceptance, scored.pass_s, scored.pass_sequences, scored.pass_tokens, scored.wait_s)
 
     def check_proposal(self, session: TargetSession, tree: TokenTree) -> None:
         if session.pending_token is None:

@@ -4,8 +4,6 @@ pass of the target (``duo_common.pass_scheduler``), as the engine's jobs (``Targ
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from typing import Callable
 
 from duo_common.metrics import ServiceMetrics
@@ -23,10 +21,7 @@ class VerifyScheduler(PassScheduler):
             metrics.kv_cache_tokens.set_function(verifier.cached_tokens)
 
     def prefill(self, session: TargetSession, gone: Callable[[], bool] | None = None) -> Prefill:
-        """Prefill the session's prompt; the outcome says how long it waited for its passes."""
-        started = time.perf_counter()
-        prefill = self.run(session, self.verifier.prefill_job(session), gone=gone)
-        return replace(prefill, queue_s=max(0.0, time.perf_counter() - started - prefill.compute_s))
+        return self.run(session, self.verifier.prefill_job(session), gone=gone)
 
     def verify(self, session: TargetSession, tree: TokenTree, gone: Callable[[], bool] | None = None) -> VerifyOutcome:
         return self.run(session, self.verifier.verify_job(session, tree), gone=gone)

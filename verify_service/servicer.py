@@ -83,6 +83,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                         compute_s=outcome.compute_s,
                         batch_sessions=outcome.batch_sessions,
                         batch_tokens=outcome.batch_tokens,
+                        queue_s=outcome.queue_s,
                     ))
                     expected_round += 1
             finally:  # also when the drafter cancels the stream, its normal way to end a session
