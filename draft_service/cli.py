@@ -92,8 +92,8 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
                            max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions,
                            draft_prefill_first=draft_prefill == "parallel")
     metrics = ServiceMetrics("draft")
-    servicer = DrafterServicer(config, channel, SessionRegistry(settings.server.max_sessions), metrics,
-                               verify_security.metadata)
+    sessions = SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s)
+    servicer = DrafterServicer(config, channel, sessions, metrics, verify_security.metadata)
     server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
                           model)
     if dtype == "auto" and packed_kernels_will_run(cpu_kernels):

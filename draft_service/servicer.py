@@ -11,7 +11,6 @@ import functools
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -31,7 +30,7 @@ from duo_common.metrics import ServiceMetrics
 from duo_common.models import LoadedModel, ModelInfo
 from duo_common.pass_scheduler import PassScheduler
 from duo_common.rpc import translate_errors
-from duo_common.sessions import SessionRegistry
+from duo_common.sessions import Lease, SessionRegistry
 from duo_common.stopping import StopChecker
 from duo_common.tree import DEFAULT_MAX_BRANCHES
 from duo_common.tree_attention import supports_tree_attention
@@ -140,16 +139,18 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
 
     @translate_errors
     def Generate(self, request, context):
-        yield from self._generate(request, None, context)
+        with self._sessions.hold(context.cancel) as lease:
+            yield from self._generate(request, None, context, lease)
 
     @translate_errors
     def Session(self, request_iterator, context):
-        opening = next(request_iterator, None)
-        if opening is None or opening.WhichOneof("message") != "start":
-            raise FailedPrecondition("a Session stream must start with a GenerateRequest")
-        yield from self._generate(opening.start, request_iterator, context)
+        with self._sessions.hold(context.cancel) as lease:  # before the opening: a silent stream counts too
+            opening = next(lease.messages(request_iterator), None)
+            if opening is None or opening.WhichOneof("message") != "start":
+                raise FailedPrecondition("a Session stream must start with a GenerateRequest")
+            yield from self._generate(opening.start, request_iterator, context, lease)
 
-    def _generate(self, request: pb.GenerateRequest, budget_updates, context):
+    def _generate(self, request: pb.GenerateRequest, budget_updates, context, lease: Lease):
         """Run one generation; ``budget_updates`` is the rest of a Session stream (None for Generate)."""
         received_at = time.perf_counter()
         loaded = self._model()
@@ -167,7 +168,7 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
             raise InvalidArgument(
                 f"max_new_tokens {stopping.max_new_tokens} exceeds this service's limit {self._config.max_new_tokens_limit}"
             )
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = lease.name = codec.request_id_from_pb(request.request_id) or lease.key
         plan = SessionPlan(request_id, prompt, params, target.max_context_tokens, overlap=not request.sequential,
                            draft_prefill_first=self._config.draft_prefill_first)
         stop = StopChecker(stopping, frozenset(target.eos_token_ids), self._encoder.decode)
@@ -178,14 +179,14 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
 
         def make_drafter() -> TreeDrafter:
             return TreeDrafter(loaded.model, params, target.vocab_size, stop_ids, max_tokens, budget.max_branches, trees,
-                               self._config.context_copy, self._passes)
+                               self._config.context_copy, self._passes, gone=lambda: not context.is_active())
 
         link = GrpcVerifierLink(self._verify_channel, self._config.verify_timeout_s, self._verify_metadata,
                                 loaded.info.tokenizer_fingerprint)
         session = SpeculativeSession(plan, link, make_drafter, stop, budget)
         session.stats.first_token = first_token
         metrics = self._metrics
-        with self._sessions.hold(request_id), metrics.sessions_active.track_inprogress():
+        with metrics.sessions_active.track_inprogress():
             metrics.sessions_total.inc()
             log.info("session %s: %d prompt tokens, budget %d", request_id, len(prompt), budget())
             started = pb.DraftBudget(max_draft_tokens=budget(), max_branches=budget.max_branches() if trees else 1)

@@ -32,7 +32,7 @@ class VerifierLink(Protocol):
     def send(self, round_number: int, tree: TokenTree) -> None: ...
     def verdict_ready(self) -> bool: ...
     def wait_verdict(self) -> VerdictReply: ...
-    def close(self) -> None: ...
+    def close(self, cancel: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,27 @@ class SessionPlan:
         """A seeded sampled session: the random draws must not depend on timing, so drafting ahead always
         drafts the same amount instead of stopping when the verdict arrives."""
         return self.params.seed is not None and not self.params.is_greedy
+
+
+class _DraftPrefill:
+    """The draft model reading the prompt in a thread of its own; ``join`` raises what it raised (e.g.
+    Cancelled: the caller went away while its forward waited for a pass)."""
+
+    def __init__(self, drafter: TreeDrafter, prompt: tuple[int, ...]):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(drafter, list(prompt)), daemon=True)
+        self._thread.start()
+
+    def _run(self, drafter: TreeDrafter, prompt: list[int]) -> None:
+        try:
+            drafter.prefill(prompt)
+        except BaseException as exc:  # noqa: BLE001 - handed to the session's thread at join
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class SpeculativeSession:
@@ -75,7 +96,7 @@ class SpeculativeSession:
         try:
             yield from self._run(started)
         finally:
-            self._link.close()
+            self._link.close(cancel=self._stop.finish_reason is None)  # a finished session only half-closes
 
     def _run(self, started: float) -> Iterator[CommittedEvent | FinishedEvent]:
         plan, stats = self._plan, self.stats
@@ -130,15 +151,14 @@ class SpeculativeSession:
             yield self._commit(committed, new_tokens, timings)
         stats.total_s = time.perf_counter() - started
         stats.new_tokens = len(self._stop.token_ids)
+        self._link.close(cancel=False)  # the verifier frees the session now, and ends the stream with OK
         yield FinishedEvent(self._stop.finish_reason, self._stop.text, stats)
 
-    def _start_drafter(self) -> tuple[TreeDrafter | None, threading.Thread | None]:
+    def _start_drafter(self) -> tuple[TreeDrafter | None, _DraftPrefill | None]:
         if self._budget() == 0:
             return None, None
         drafter = self._make_drafter()
-        thread = threading.Thread(target=drafter.prefill, args=(list(self._plan.prompt),), daemon=True)
-        thread.start()
-        return drafter, thread
+        return drafter, _DraftPrefill(drafter, self._plan.prompt)
 
     def _propose(self, drafter: TreeDrafter | None, committed: list[int], room: int) -> TokenTree:
         if drafter is None or room <= 0:

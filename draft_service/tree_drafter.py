@@ -45,9 +45,11 @@ class TreeDrafter:
         tree_attention: bool = False,
         context_copy: bool = True,
         passes: PassScheduler | None = None,
+        gone: Callable[[], bool] | None = None,
     ):
         self._model = model
         self._passes = passes  # forward passes shared with the service's other sessions (None: alone)
+        self._gone = gone  # the session's caller has gone: its queued forwards are dropped (Cancelled)
         self._device = next(model.parameters()).device
         self._params = params
         self._generator = make_generator(derived_seed(params.seed, "draft"))
@@ -182,7 +184,7 @@ class TreeDrafter:
             positions, visible = self._tree_layout(nodes)
         tokens = NewTokens(tuple(tokens), self._cache, positions, visible, kept_logits)
         if self._passes is not None:
-            return self._passes.forward(self, tokens, background)
+            return self._passes.forward(self, tokens, background, self._gone)
         return batched_forward.forward(self._model, [tokens], SHORT_QUERY_TOKENS)[0]
 
     def _extends_chain(self, nodes: list[int]) -> bool:

@@ -99,10 +99,12 @@ class GrpcVerifierLink:
             queue_s=verdict.queue_s,
         )
 
-    def close(self) -> None:
-        """End the stream (the verifier frees the session); safe to call more than once."""
+    def close(self, cancel: bool = True) -> None:
+        """End the stream (the verifier frees the session); safe to call more than once. A session that
+        ended normally only half-closes it, so the verifier ends it with OK; ``cancel`` also drops whatever
+        of this session the verifier still has queued."""
         self._requests.put(_CLOSE)
-        if self._call is not None:
+        if cancel and self._call is not None:
             self._call.cancel()
 
     def _read(self) -> None:

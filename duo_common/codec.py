@@ -32,7 +32,7 @@ def decoding_from_pb(message: pb.DecodingParams) -> DecodingParams:
     return DecodingParams(
         temperature=float(message.temperature),
         top_k=int(message.top_k),
-        top_p=float(message.top_p) if message.top_p > 0 else 1.0,
+        top_p=float(message.top_p) if message.top_p != 0 else 1.0,  # unset (0) is off; NaN or < 0 is refused
         seed=int(message.seed) if message.HasField("seed") else None,
     )
 
@@ -58,8 +58,14 @@ def stopping_to_pb(params: StoppingParams) -> pb.StoppingParams:
     )
 
 
-def tree_from_pb(message: pb.TokenTree, vocab_size: int) -> TokenTree:
-    """Decode a proposal tree; the caller validates its shape against its own limits."""
+DISTRIBUTION_SUM_TOLERANCE = 1e-3  # float32 sums over a vocabulary of 50k ids stray by about 1e-5
+
+
+def tree_from_pb(message: pb.TokenTree, vocab_size: int, max_nodes: int | None = None) -> TokenTree:
+    """Decode a proposal tree; the caller validates its shape against its own limits. A tree larger than
+    ``max_nodes`` is refused before its distributions are decoded."""
+    if max_nodes is not None and len(message.token_ids) > max_nodes:
+        raise InvalidArgument(f"the proposal has {len(message.token_ids)} nodes; this verifier takes at most {max_nodes}")
     draft_probs = None
     if message.draft_distributions:
         if len(message.draft_distributions) != len(message.token_ids):
@@ -78,6 +84,12 @@ def tree_from_pb(message: pb.TokenTree, vocab_size: int) -> TokenTree:
         draft_probs = torch.from_numpy(np.stack(rows).copy())
         if not torch.isfinite(draft_probs).all() or (draft_probs < 0).any():
             raise InvalidArgument("draft distributions must be finite and non-negative")
+        sums = draft_probs.sum(dim=-1, dtype=torch.float64)
+        off = ((sums - 1).abs() > DISTRIBUTION_SUM_TOLERANCE).nonzero().flatten().tolist()
+        if off:
+            raise InvalidArgument(
+                f"draft distributions must sum to 1: node {off[0]}'s sums to {float(sums[off[0]]):.6g}"
+            )
     return TokenTree(tuple(message.token_ids), tuple(message.parent_indices), draft_probs)
 
 
@@ -125,6 +137,22 @@ def finish_reason_from_pb(value: int) -> FinishReason:
     if value not in _FINISH_FROM_PB:
         raise InvalidArgument(f"unknown finish reason {value}")
     return _FINISH_FROM_PB[value]
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def request_id_from_pb(value: str) -> str | None:
+    """A caller's id for logs: None when unset; printable ASCII without spaces, at most 128 characters (it
+    goes into log lines as sent, so a newline in it would forge one)."""
+    if not value:
+        return None
+    if len(value) > MAX_REQUEST_ID_CHARS or not all(33 <= ord(char) <= 126 for char in value):
+        raise InvalidArgument(
+            f"request ids are 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces "
+            f"(got one of {len(value)} characters)"
+        )
+    return value
 
 
 def token_ids_from_pb(ids, vocab_size: int, what: str) -> tuple[int, ...]:

@@ -9,6 +9,9 @@ from duo_common.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+# Below this, sampling is greedy in all but name, and float32 logits divided by it overflow (1e-45 gave NaN
+# probabilities); ask for temperature 0.
+MIN_TEMPERATURE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class DecodingParams:
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidArgument(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {self.temperature}; "
+                "below that, sampling is greedy in all but name"
+            )
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
@@ -51,5 +59,5 @@ class StoppingParams:
         for stop in self.stop_strings:
             if not stop or len(stop) > MAX_STOP_STRING_CHARS:
                 raise InvalidArgument(
-                    f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got {stop!r}"
+                    f"stop strings must have 1 to {MAX_STOP_STRING_CHARS} characters, got one of {len(stop)}"
                 )

@@ -125,9 +125,10 @@ class PassScheduler:
             raise waiting.error
         return waiting.outcome
 
-    def forward(self, owner: Hashable, tokens: NewTokens, background: bool = False) -> torch.Tensor:
+    def forward(self, owner: Hashable, tokens: NewTokens, background: bool = False,
+                gone: Callable[[], bool] | None = None) -> torch.Tensor:
         """One forward of ``tokens`` in the next pass (``run``): their kept logits."""
-        return self.run(owner, one_pass(tokens), background)
+        return self.run(owner, one_pass(tokens), background, gone)
 
     def forget(self, owner: Hashable) -> None:
         """``owner`` has no more work: passes no longer wait for it."""

@@ -25,7 +25,17 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+MAX_DETAILS_CHARS = 1000  # a status travels in the trailers, whose size gRPC limits (8 KiB by default)
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, details = _untrimmed_status_for(exc)
+    if len(details) > MAX_DETAILS_CHARS:
+        details = details[:MAX_DETAILS_CHARS] + f"... ({len(details)} characters)"
+    return code, details
+
+
+def _untrimmed_status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DuoError):
         return grpc.StatusCode[exc.status], str(exc)
     if isinstance(exc, grpc.RpcError):
@@ -69,6 +79,7 @@ class ServerOptions:
     """Transport settings of one service, built from its CLI flags."""
 
     max_sessions: int = 64
+    idle_timeout_s: float | None = None  # sessions whose peer keeps the service waiting longer are closed
     max_message_bytes: int = MAX_MESSAGE_BYTES
     tls: ServerTls | None = None
     auth_token: str | None = None

@@ -56,6 +56,9 @@ def common_serve_options(env_prefix: str):
         option("--threads", type=click.IntRange(1, 512), default=None, help="torch CPU threads."),
         option("--max-sessions", type=click.IntRange(1, 100000), default=64,
                help="Concurrent sessions; more are refused with RESOURCE_EXHAUSTED."),
+        option("--idle-timeout-s", type=click.FloatRange(0.1), default=60.0,
+               help="Close a session whose peer keeps the service waiting this long (no opening message, no next "
+                    "proposal), freeing its thread and KV cache."),
         option("--grace-s", type=click.FloatRange(0), default=30.0,
                help="Seconds in-flight sessions get to finish after SIGTERM."),
         option("--port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -81,7 +84,7 @@ def common_serve_options(env_prefix: str):
 
     def decorate(command):
         @functools.wraps(command)
-        def wrapper(host, port, threads, max_sessions, grace_s, port_file, log_level, metrics_port, health_port,
+        def wrapper(host, port, threads, max_sessions, idle_timeout_s, grace_s, port_file, log_level, metrics_port, health_port,
                     tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s, max_batch_tokens,
                     max_batch_sessions, **rest):
             if (tls_cert is None) != (tls_key is None):
@@ -94,6 +97,7 @@ def common_serve_options(env_prefix: str):
                 raise click.UsageError(str(exc)) from exc
             server = ServerOptions(
                 max_sessions=max_sessions,
+                idle_timeout_s=idle_timeout_s,
                 max_message_bytes=max_message_mb * 1024 * 1024,
                 tls=ServerTls(tls_cert, tls_key, tls_ca) if tls_cert else None,
                 auth_token=token,

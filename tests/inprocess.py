@@ -38,7 +38,7 @@ def verify_server(target_dir, max_sessions: int = 8, max_tree_nodes: int = 64, o
                   cpu_kernels: str = DEFAULT_KERNELS, max_batch_sessions: int = 64, max_batch_tokens: int = 256,
                   ) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
-    sessions = SessionRegistry(options.max_sessions)
+    sessions = SessionRegistry(options.max_sessions, options.idle_timeout_s)
     servicer = VerifierServicer(sessions, metrics)
     server = ServiceServer(["duo.v1.Verifier"], options, metrics)
     duo_pb2_grpc.add_VerifierServicer_to_server(servicer, server.server)
@@ -61,7 +61,7 @@ def draft_server(draft_dir, verify_addr: str, config: DrafterConfig = DrafterCon
                  metrics: ServiceMetrics | None = None,
                  cpu_kernels: str = DEFAULT_KERNELS) -> Iterator[tuple[str, SessionRegistry]]:
     options = options or ServerOptions(max_sessions=max_sessions)
-    sessions = SessionRegistry(options.max_sessions)
+    sessions = SessionRegistry(options.max_sessions, options.idle_timeout_s)
     channel = verify_security.channel(verify_addr)
     servicer = DrafterServicer(config, channel, sessions, metrics, verify_security.metadata)
     server = ServiceServer(["duo.v1.Drafter"], options, metrics)

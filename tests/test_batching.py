@@ -8,6 +8,7 @@ greedy and seeded sampling, one cancelled midway) produce exactly what each prod
 
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import threading
@@ -19,6 +20,7 @@ import torch
 
 from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
 from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from draft_service.tree_drafter import TreeDrafter
 from duo_common import batched_forward
 from duo_common.batched_forward import NewTokens
 from duo_common.cpu_runtime import apply_cpu_runtime
@@ -401,3 +403,22 @@ def test_work_whose_caller_has_gone_is_dropped_before_its_pass():
     thread.join(5)
     scheduler.close()
     assert passes == [[(1, 2)]] and len(errors) == 1
+
+
+def test_a_drafters_forwards_are_dropped_once_its_caller_has_gone():
+    model = build_model("llama")
+    forward = functools.partial(batched_forward.forward, model, fits_together=64)
+    scheduler = PassScheduler(forward, name="draft-passes")
+    caller_gone = threading.Event()
+
+    def drafter():
+        return TreeDrafter(model, DecodingParams(), model.config.vocab_size, frozenset(), 256, passes=scheduler,
+                           gone=caller_gone.is_set)
+
+    try:
+        drafter().prefill([1, 2, 3])  # a caller still there: its forwards run
+        caller_gone.set()
+        with pytest.raises(Cancelled):
+            drafter().prefill([1, 2, 3])
+    finally:
+        scheduler.close()

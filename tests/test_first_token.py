@@ -9,6 +9,7 @@ from draft_service.servicer import DrafterConfig
 from draft_service.speculation import SessionPlan, SpeculativeSession
 from draft_service.target_info import TargetInfoCache
 from draft_service.verifier_link import PrefillReply, VerdictReply
+from duo_common.errors import Cancelled
 from duo_common.models import ModelInfo
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.stopping import StopChecker
@@ -184,7 +185,7 @@ class ScriptedLink:
     def wait_verdict(self):
         return VerdictReply(round=self.round, accepted_nodes=(), next_token=8, compute_s=0.01, round_trip_s=0.01)
 
-    def close(self):
+    def close(self, cancel=True):
         pass
 
 
@@ -233,3 +234,19 @@ def test_a_draft_prefilled_after_the_first_token_is_still_lossless(pair):
         result = generate(channel, tuple(prompt), tokens=40)
     assert result.token_ids == reference_greedy(pair.target, prompt, 40, None)
     assert result.server_stats.accepted_tokens > 0
+
+
+class FailingDrafter(QuietDrafter):
+    def prefill(self, prompt):
+        raise Cancelled("the caller went away before its work ran")
+
+
+@pytest.mark.parametrize("draft_prefill_first", [True, False])
+def test_a_draft_prefill_that_fails_ends_the_session_with_its_error(draft_prefill_first):
+    plan = SessionPlan("s", (1, 2, 3), DecodingParams(), 256, draft_prefill_first=draft_prefill_first)
+    session = SpeculativeSession(plan, ScriptedLink([]), lambda: FailingDrafter([]),
+                                 StopChecker(StoppingParams(max_new_tokens=3), frozenset(), str), lambda: 2)
+    events = session.run()
+    assert next(events).token_ids == (7,)  # the target's first token does not wait for the draft
+    with pytest.raises(Cancelled):
+        next(events)

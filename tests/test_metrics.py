@@ -67,3 +67,12 @@ def test_drafter_reports_latencies_and_errors_by_code(scraped):
     assert draft["duo_inter_token_latency_seconds_count"] == 1
     assert draft["duo_draft_compute_seconds_count"] == result.server_stats.rounds
     assert draft['duo_rpc_errors_total{code="INVALID_ARGUMENT",method="/duo.v1.Drafter/Generate"}'] == 1
+
+
+def test_sessions_that_end_normally_are_no_errors(scraped):
+    """A drafter ends a finished session's Verify stream by half-closing it: the verifier ends it with OK,
+    so the error counter holds real failures only (here, the one refused request)."""
+    _, verify, draft = scraped
+    assert [name for name in verify if name.startswith("duo_rpc_errors_total{")] == []
+    assert [name for name in draft if name.startswith("duo_rpc_errors_total{")] == [
+        'duo_rpc_errors_total{code="INVALID_ARGUMENT",method="/duo.v1.Drafter/Generate"}']

@@ -4,13 +4,12 @@ on the TargetVerifier."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 from duo_common import codec
 from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
 from duo_common.rpc import translate_errors
-from duo_common.sessions import SessionRegistry
+from duo_common.sessions import Lease, SessionRegistry
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 from verify_service.scheduler import VerifyScheduler
@@ -40,11 +39,16 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
 
     @translate_errors
     def Verify(self, request_iterator, context):
-        opening = next(request_iterator, None)
+        scheduler = self._scheduler
+        with self._sessions.hold(context.cancel) as lease:  # before the opening: a silent stream counts too
+            yield from self._verify(scheduler, lease, lease.messages(request_iterator), context)
+
+    def _verify(self, scheduler: VerifyScheduler, lease: Lease, messages, context):
+        opening = next(messages, None)
         if opening is None or opening.WhichOneof("message") != "open":
             raise FailedPrecondition("a Verify stream must start with VerifyOpen")
-        session_id = opening.open.session_id or uuid.uuid4().hex
-        scheduler = self._scheduler
+        # The caller's id is only for logs (the registry has keys of its own: two callers may send one id).
+        session_id = lease.name = codec.request_id_from_pb(opening.open.session_id) or lease.key
         info = scheduler.verifier.info
         vocab_size = info.vocab_size
         expected = opening.open.draft_tokenizer_fingerprint
@@ -56,7 +60,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
         prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
         params = codec.decoding_from_pb(opening.open.decoding)
         metrics = self._metrics
-        with self._sessions.hold(session_id), metrics.sessions_active.track_inprogress():
+        with metrics.sessions_active.track_inprogress():
             metrics.sessions_total.inc()
             gone = lambda: not context.is_active()  # noqa: E731 - a cancelled stream's work is dropped
             prefill = scheduler.prefill(scheduler.verifier.new_session(prompt, params), gone)
@@ -66,14 +70,14 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                                                            queue_s=prefill.queue_s))
             expected_round = 1
             try:
-                for request in request_iterator:
+                for request in messages:
                     if request.WhichOneof("message") != "proposal":
                         raise FailedPrecondition(f"session {session_id}: expected a Proposal, got {request.WhichOneof('message')}")
                     if request.proposal.round != expected_round:
                         raise InvalidArgument(
                             f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
                         )
-                    tree = codec.tree_from_pb(request.proposal.tree, vocab_size)
+                    tree = codec.tree_from_pb(request.proposal.tree, vocab_size, scheduler.verifier.max_tree_nodes)
                     outcome = scheduler.verify(prefill.session, tree, gone)
                     metrics.record_verdict(len(tree), len(outcome.acceptance.accepted_nodes), outcome.compute_s)
                     yield pb.VerifyResponse(verdict=pb.Verdict(
@@ -86,6 +90,6 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                         queue_s=outcome.queue_s,
                     ))
                     expected_round += 1
-            finally:  # also when the drafter cancels the stream, its normal way to end a session
+            finally:  # also when the drafter cancels the stream (a session it abandons) or it is reaped
                 scheduler.forget(prefill.session)
                 log.info("session %s: ended after %d rounds", session_id, expected_round - 1)
