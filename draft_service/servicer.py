@@ -154,6 +154,7 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         """Run one generation; ``budget_updates`` is the rest of a Session stream (None for Generate)."""
         received_at = time.perf_counter()
         loaded = self._model()
+        request_id = lease.name = codec.request_id_from_pb(request.request_id) or lease.key
         target, asked = self._targets.get()
         first_token = FirstTokenTimes(model_info_s=time.perf_counter() - received_at if asked else 0.0)
         budget = self._initial_budget(request, target)
@@ -168,7 +169,6 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
             raise InvalidArgument(
                 f"max_new_tokens {stopping.max_new_tokens} exceeds this service's limit {self._config.max_new_tokens_limit}"
             )
-        request_id = lease.name = codec.request_id_from_pb(request.request_id) or lease.key
         plan = SessionPlan(request_id, prompt, params, target.max_context_tokens, overlap=not request.sequential,
                            draft_prefill_first=self._config.draft_prefill_first)
         stop = StopChecker(stopping, frozenset(target.eos_token_ids), self._encoder.decode)

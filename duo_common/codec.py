@@ -65,7 +65,8 @@ def tree_from_pb(message: pb.TokenTree, vocab_size: int, max_nodes: int | None =
     """Decode a proposal tree; the caller validates its shape against its own limits. A tree larger than
     ``max_nodes`` is refused before its distributions are decoded."""
     if max_nodes is not None and len(message.token_ids) > max_nodes:
-        raise InvalidArgument(f"the proposal has {len(message.token_ids)} nodes; this verifier takes at most {max_nodes}")
+        raise InvalidArgument(
+            f"the proposal has {len(message.token_ids)} nodes; this verifier takes at most {max_nodes}")
     draft_probs = None
     if message.draft_distributions:
         if len(message.draft_distributions) != len(message.token_ids):

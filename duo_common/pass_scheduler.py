@@ -38,7 +38,8 @@ BACKGROUND_PASS_TOKENS = 16  # largest pass of background work alone
 
 @dataclass(frozen=True)
 class Scored:
-    """What a job receives after a pass: its rows' logits, the pass's seconds, and whom the pass served."""
+    """What a job receives after a pass: its rows' logits, the pass's seconds, whom the pass served, and how
+    long the job waited for it."""
 
     logits: torch.Tensor
     pass_s: float

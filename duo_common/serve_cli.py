@@ -84,9 +84,9 @@ def common_serve_options(env_prefix: str):
 
     def decorate(command):
         @functools.wraps(command)
-        def wrapper(host, port, threads, max_sessions, idle_timeout_s, grace_s, port_file, log_level, metrics_port, health_port,
-                    tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s, max_batch_tokens,
-                    max_batch_sessions, **rest):
+        def wrapper(host, port, threads, max_sessions, idle_timeout_s, grace_s, port_file, log_level, metrics_port,
+                    health_port, tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s,
+                    max_batch_tokens, max_batch_sessions, **rest):
             if (tls_cert is None) != (tls_key is None):
                 raise click.UsageError("--tls-cert and --tls-key go together")
             if tls_ca is not None and tls_cert is None:

@@ -46,7 +46,8 @@ def serve(model, device, dtype, max_tree_nodes, cpu_kernels, kv_cache_tokens, se
     """Serve the Verifier RPCs."""
     setup_process(settings)
     metrics = ServiceMetrics("verify")
-    servicer = VerifierServicer(SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s), metrics)
+    sessions = SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s)
+    servicer = VerifierServicer(sessions, metrics)
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
                           model)
     loaded = load_causal_lm(model, device, dtype, cpu_kernels)

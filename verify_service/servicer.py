@@ -77,7 +77,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                         raise InvalidArgument(
                             f"session {session_id}: expected round {expected_round}, got {request.proposal.round}"
                         )
-                    tree = codec.tree_from_pb(request.proposal.tree, vocab_size, scheduler.verifier.max_tree_nodes)
+                    tree = codec.tree_from_pb(request.proposal.tree, vocab_size, info.max_tree_nodes)
                     outcome = scheduler.verify(prefill.session, tree, gone)
                     metrics.record_verdict(len(tree), len(outcome.acceptance.accepted_nodes), outcome.compute_s)
                     yield pb.VerifyResponse(verdict=pb.Verdict(
