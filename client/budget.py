@@ -39,9 +39,7 @@ the same row as a session's own next token, which it always gets.
 The wait for a pass is left out of network_s (the verifier reports it with each verdict): it follows the
 other sessions' schedules, not this session's budget. Counted in, it dilutes what a draft row costs exactly
 when the verifier is busiest (a round that waits anyway seems to get its draft rows verified for little), so
-every session keeps speculating and every pass swells with all their draft rows (measured with eight
-sessions on two cores: mean budgets above 1 for 30 rounds and near 0 only after 60; with the wait left out,
-near 0 after 16 to 32).
+every session keeps speculating and every pass swells with all their draft rows.
 
 Acceptance is measured per depth because it is not the same at every depth: a distilled draft's agreement
 comes in runs (easy stretches of text, where it keeps agreeing, and hard ones, where it misses at once), so

@@ -24,8 +24,8 @@ class ServiceStartError(RuntimeError):
 # Where the two services share cores, the drafter runs at a lower priority: drafting ahead then takes only the
 # time the verifier leaves idle (DuoDecoding's point: drafting on hardware verification does not use), and
 # never slows a verification pass. Its drafting on the critical path runs while the verifier waits anyway.
-# And the draft reads the prompt after the target's first token, so the target's prefill has every core (first
-# token 3% sooner, same total time, measured on 2 cores with short and 250-token prompts; README).
+# And the draft reads the prompt after the target's first token, so the target's prefill has every core; the
+# draft's own prefill is small and round 1 waits for it either way.
 DRAFT_NICENESS = 10
 SHARED_CORES_DRAFT_OPTIONS = ("--draft-prefill", "after-first-token")
 
