@@ -25,7 +25,7 @@ class ServiceStartError(RuntimeError):
 # time the verifier leaves idle (DuoDecoding's point: drafting on hardware verification does not use), and
 # never slows a verification pass. Its drafting on the critical path runs while the verifier waits anyway.
 # And the draft reads the prompt after the target's first token, so the target's prefill has every core; the
-# draft's own prefill is small and round 1 waits for it either way.
+# draft's own prefill is small, and on shared cores it would take its cycles from the target's anyway.
 DRAFT_NICENESS = 10
 SHARED_CORES_DRAFT_OPTIONS = ("--draft-prefill", "after-first-token")
 
