@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from draft_service.readiness import follow_verifier
 from draft_service.servicer import DrafterConfig, DrafterServicer
 from duo_common import batched_forward
 from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
@@ -103,6 +104,7 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
     log_batching(batched_forward.runs_together(loaded.model), settings)
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
     server.mark_serving()
+    follow_verifier(channel, server.set_serving)
     log.info("serving; verifier at %s", verify_addr)
     server.serve_until_signal(settings.grace_s)
     servicer.close()

@@ -122,6 +122,8 @@ class ServiceServer:
         self._service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._status_lock = threading.Lock()
+        self._stopping = False
         self._stopped = threading.Event()
 
     def bind(self, address: str) -> int:
@@ -144,7 +146,15 @@ class ServiceServer:
             self._health_server.start()
 
     def mark_serving(self) -> None:
-        self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
+
+    def set_serving(self, serving: bool) -> None:
+        """Health SERVING, or NOT_SERVING (e.g. while a service it needs is unreachable); once stopping, it
+        stays NOT_SERVING."""
+        with self._status_lock:
+            if not self._stopping:
+                self._set_status(health_pb2.HealthCheckResponse.SERVING if serving
+                                 else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_status(self, status) -> None:
         for name in ["", *self._service_names]:
@@ -152,7 +162,9 @@ class ServiceServer:
 
     def stop(self, grace_s: float) -> None:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within grace_s."""
-        self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._status_lock:
+            self._stopping = True
+            self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace_s).wait()
         if self._health_server is not None:
             self._health_server.stop(0)

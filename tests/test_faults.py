@@ -2,8 +2,13 @@
 that says so, the draft service frees the session and keeps serving once a verifier is back."""
 
 import time
+from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from draft_service.readiness import follow_verifier
+from duo_common.rpc import ServiceServer
 
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
@@ -44,3 +49,41 @@ def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_
                                                              stopping=pb.StoppingParams(max_new_tokens=5)),
                                           timeout=60))
             assert done[-1].finished.stats.new_tokens == 5
+
+
+def test_the_draft_service_is_not_ready_while_its_verifier_is_unreachable():
+    """Its health follows the verifier channel: NOT_SERVING once the verifier has gone (so a load balancer
+    sends callers elsewhere), SERVING again when a verifier is back on the address."""
+    drafter = ServiceServer(["duo.v1.Drafter"])
+    drafter_port = drafter.bind("127.0.0.1:0")
+    drafter.start()
+    verifier = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    verifier_port = verifier.add_insecure_port("127.0.0.1:0")
+    verifier.start()
+    with grpc.insecure_channel(f"127.0.0.1:{verifier_port}") as to_verifier, \
+            grpc.insecure_channel(f"127.0.0.1:{drafter_port}") as to_drafter:
+        health = health_pb2_grpc.HealthStub(to_drafter)
+
+        def status():
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+        drafter.mark_serving()
+        follow_verifier(to_verifier, drafter.set_serving)
+        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        verifier.stop(0)
+        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        back = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        back.add_insecure_port(f"127.0.0.1:{verifier_port}")
+        back.start()
+        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        drafter.stop(0)
+        back.stop(0)
+
+
+def _eventually(condition, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()

@@ -1,0 +1,29 @@
+"""The draft service is ready only while it can reach a verifier: a caller it could only refuse is better
+sent to another replica, so its health says NOT_SERVING while the channel to the verifier fails, and SERVING
+again once it connects."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+def follow_verifier(channel: grpc.Channel, set_serving: Callable[[bool], None]) -> None:
+    """Mirror the verifier channel's state into ``set_serving``. A channel whose connection ended goes IDLE
+    and would wait for the next call to reconnect: it is asked to reconnect at once, so a verifier that
+    went away shows as a failed connection (TRANSIENT_FAILURE) before any caller is refused."""
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            set_serving(True)
+        elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            log.warning("the verify service cannot be reached: health NOT_SERVING until it can")
+            set_serving(False)
+        elif state is grpc.ChannelConnectivity.IDLE:
+            grpc.channel_ready_future(channel)  # connect now (it retries with backoff while it fails)
+
+    channel.subscribe(on_state, try_to_connect=True)
