@@ -12,10 +12,12 @@ import grpc
 log = logging.getLogger(__name__)
 
 
-def follow_verifier(channel: grpc.Channel, set_serving: Callable[[bool], None]) -> None:
-    """Mirror the verifier channel's state into ``set_serving``. A channel whose connection ended goes IDLE
-    and would wait for the next call to reconnect: it is asked to reconnect at once, so a verifier that
-    went away shows as a failed connection (TRANSIENT_FAILURE) before any caller is refused."""
+def follow_verifier(channel: grpc.Channel, set_serving: Callable[[bool], None]) -> Callable[[], None]:
+    """Mirror the verifier channel's state into ``set_serving``; returns a function that stops it. A channel
+    whose connection ended goes IDLE and would wait for the next call to reconnect: it is asked to reconnect
+    at once, so a verifier that went away shows as a failed connection (TRANSIENT_FAILURE) before any caller
+    is refused."""
+    reconnecting: list[grpc.Future] = []  # the pending reconnection, if any
 
     def on_state(state: grpc.ChannelConnectivity) -> None:
         if state is grpc.ChannelConnectivity.READY:
@@ -23,7 +25,13 @@ def follow_verifier(channel: grpc.Channel, set_serving: Callable[[bool], None]) 
         elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             log.warning("the verify service cannot be reached: health NOT_SERVING until it can")
             set_serving(False)
-        elif state is grpc.ChannelConnectivity.IDLE:
-            grpc.channel_ready_future(channel)  # connect now (it retries with backoff while it fails)
+        elif state is grpc.ChannelConnectivity.IDLE and not (reconnecting and not reconnecting[-1].done()):
+            reconnecting[:] = [grpc.channel_ready_future(channel)]  # it retries with backoff while it fails
+
+    def stop() -> None:
+        channel.unsubscribe(on_state)
+        for future in reconnecting:
+            future.cancel()
 
     channel.subscribe(on_state, try_to_connect=True)
+    return stop

@@ -68,7 +68,7 @@ def test_the_draft_service_is_not_ready_while_its_verifier_is_unreachable():
             return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
         drafter.mark_serving()
-        follow_verifier(to_verifier, drafter.set_serving)
+        stop_following = follow_verifier(to_verifier, drafter.set_serving)
         assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
         verifier.stop(0)
         assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -76,6 +76,7 @@ def test_the_draft_service_is_not_ready_while_its_verifier_is_unreachable():
         back.add_insecure_port(f"127.0.0.1:{verifier_port}")
         back.start()
         assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        stop_following()
         drafter.stop(0)
         back.stop(0)
 
