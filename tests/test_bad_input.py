@@ -1,7 +1,6 @@
 """Bad input gets a clear error with the right gRPC status, and the services keep serving others."""
 
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from duo_common.params import StoppingParams
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 from tests.inprocess import running_pair, verify_server
+from tests.polling import eventually
 from tests.tiny_models import VOCAB_SIZE, save_pair, word_tokenizer
 
 
@@ -68,7 +68,7 @@ def test_verifier_refuses_bad_input_and_keeps_serving(verifier, requests, code, 
     responses = verify_stream(address, [opening(), proposal(1, [5, 6], [-1, 0])])
     assert responses[0].WhichOneof("message") == "prefilled"
     assert responses[1].WhichOneof("message") == "verdict"
-    assert _eventually(lambda: len(sessions) == 0)
+    assert eventually(lambda: len(sessions) == 0)
 
 
 def test_a_tree_with_a_cycle_cannot_be_expressed(verifier):
@@ -95,7 +95,7 @@ def test_verifier_refuses_sessions_beyond_its_limit(tmp_path):
                           lambda: list(stub.Verify(iter([opening()]), timeout=30)))
             release.set()
             list(held)
-        assert _eventually(lambda: len(sessions) == 0)
+        assert eventually(lambda: len(sessions) == 0)
 
 
 def test_cancelled_client_frees_both_services_sessions(tmp_path):
@@ -107,9 +107,9 @@ def test_cancelled_client_frees_both_services_sessions(tmp_path):
                 stopping=pb.StoppingParams(max_new_tokens=200, ignore_eos=True)), timeout=60)
             first = next(call)
             assert first.WhichOneof("event") == "started"
-            assert _eventually(lambda: len(services.verify_sessions) == 1)
+            assert eventually(lambda: len(services.verify_sessions) == 1)
             call.cancel()
-        assert _eventually(lambda: len(services.draft_sessions) == 0 and len(services.verify_sessions) == 0)
+        assert eventually(lambda: len(services.draft_sessions) == 0 and len(services.verify_sessions) == 0)
 
 
 @pytest.mark.parametrize("request_fields, fragment", [
@@ -215,15 +215,6 @@ def test_incompatible_tokenizers_are_refused_before_drafting(tmp_path):
         assert len(services.verify_sessions) == 0 and services.verify_sessions.total_opened == 0
 
 
-def _eventually(condition, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def test_service_limits_on_prompt_and_new_tokens_are_enforced(tmp_path):
     from draft_service.servicer import DrafterConfig
 
@@ -277,13 +268,13 @@ def test_silent_streams_count_as_sessions_are_reaped_and_never_starve_the_servic
         held = [stub.Verify(silent(), timeout=30) for _ in range(3)]
         prefilled = stub.Verify(prefill_then_silent(), timeout=30)
         assert next(prefilled).WhichOneof("message") == "prefilled"
-        assert _eventually(lambda: len(sessions) == 4)
+        assert eventually(lambda: len(sessions) == 4)
         expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "already runs 4 sessions",
                       lambda: verify_stream(address, [opening()]))
         assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=5).vocab_size == VOCAB_SIZE
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        assert _eventually(lambda: len(sessions) == 0, timeout_s=10)  # all four reaped
+        assert eventually(lambda: len(sessions) == 0, timeout_s=10)  # all four reaped
         assert sessions.total_reaped == 4
         for call in [*held, prefilled]:
             with pytest.raises(grpc.RpcError):

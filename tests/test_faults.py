@@ -1,7 +1,6 @@
 """Faults: when the verify service goes away mid-generation, the caller gets UNAVAILABLE with a message
 that says so, the draft service frees the session and keeps serving once a verifier is back."""
 
-import time
 from concurrent import futures
 
 import grpc
@@ -13,6 +12,7 @@ from duo_common.rpc import ServiceServer
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
+from tests.polling import eventually
 from tests.tiny_models import save_pair
 
 
@@ -39,10 +39,7 @@ def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
                 assert "verify service" in exc.details()
-            deadline = time.monotonic() + 10
-            while len(draft_sessions) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert len(draft_sessions) == 0
+            assert eventually(lambda: len(draft_sessions) == 0)
             # A verifier comes back on the same address: the drafter serves again.
             with verify_server(pair.target_dir, port=int(port)):
                 done = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5]),
@@ -69,22 +66,14 @@ def test_the_draft_service_is_not_ready_while_its_verifier_is_unreachable():
 
         drafter.mark_serving()
         stop_following = follow_verifier(to_verifier, drafter.set_serving)
-        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        assert eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout_s=15)
         verifier.stop(0)
-        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=15)
         back = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         back.add_insecure_port(f"127.0.0.1:{verifier_port}")
         back.start()
-        assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        assert eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING, timeout_s=15)
         stop_following()
         drafter.stop(0)
         back.stop(0)
 
-
-def _eventually(condition, timeout_s=15.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
