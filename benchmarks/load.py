@@ -29,7 +29,7 @@ import grpc
 import torch
 
 from client.bench import percentile
-from client.budget import AdaptiveBudget, ControllerConfig
+from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
 from client.embedded import EmbeddedConfig, embedded_services
 from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model
@@ -37,10 +37,10 @@ from duo_common.params import StoppingParams
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 MODES = {"batched": (), "one-per-pass": ("--max-batch-sessions", "1")}
-POLICIES = {
-    "duo-nospec": lambda: FixedBudget(0),
-    "duo-fixed": lambda: FixedBudget(4, 3),
-    "duo-auto": lambda: AdaptiveBudget(ControllerConfig(max_branches=3)),
+POLICIES = {  # each takes what the system's earlier sessions on these services learnt
+    "duo-nospec": lambda learnt: FixedBudget(0),
+    "duo-fixed": lambda learnt: FixedBudget(4, 3),
+    "duo-auto": lambda learnt: AdaptiveBudget(ControllerConfig(max_branches=3), learnt),
 }
 
 
@@ -91,7 +91,7 @@ def encode_prompts(tokenizer, path: Path, count: int) -> list[list[int]]:
 
 
 def run_wave(orchestrator: Orchestrator, system: str, prompts: list[list[int]], max_new_tokens: int,
-             reference: dict[int, list[int]] | None) -> Wave:
+             reference: dict[int, list[int]] | None, learnt: SharedEstimates | None = None) -> Wave:
     results: list = [None] * len(prompts)
     errors: list[BaseException] = []
 
@@ -99,7 +99,7 @@ def run_wave(orchestrator: Orchestrator, system: str, prompts: list[list[int]], 
         request = GenerationRequest(prompt_ids=tuple(prompts[index]),
                                     stopping=StoppingParams(max_new_tokens=max_new_tokens))
         try:
-            results[index] = orchestrator.generate(request, POLICIES[system]())
+            results[index] = orchestrator.generate(request, POLICIES[system](learnt))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -152,6 +152,7 @@ def main() -> None:
         config = EmbeddedConfig(DEFAULT_TARGET, DEFAULT_DRAFT, verify_device="cpu", verify_options=MODES[mode])
         with embedded_services(config) as addresses, grpc.insecure_channel(addresses.draft) as channel:
             orchestrator = Orchestrator(channel)
+            learnt = {system: SharedEstimates() for system in args.systems}  # per verifier: these services
             run_wave(orchestrator, "duo-nospec", prompts[:1], 8, None)  # warm up
             if not reference:  # every prompt alone: what each session must produce whatever runs beside it
                 for index, ids in enumerate(prompts):
@@ -160,7 +161,8 @@ def main() -> None:
                     reference[index] = orchestrator.generate(request, FixedBudget(0)).token_ids
             for concurrency in args.concurrency:
                 for system in args.systems:
-                    wave = run_wave(orchestrator, system, prompts[:concurrency], args.max_new_tokens, reference)
+                    wave = run_wave(orchestrator, system, prompts[:concurrency], args.max_new_tokens, reference,
+                                    learnt[system])
                     waves.setdefault(f"{system} {mode}", []).append(wave)
                     report(f"{system} {mode}", wave)
     if args.hf:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from client.budget import AdaptiveBudget, ControllerConfig
+from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
 from duo_common.params import StoppingParams
 
@@ -132,12 +132,14 @@ class _FirstTokenClock:
 
 
 def duo_run(system: str, orchestrator: Orchestrator, prompt_ids: list[int], max_new_tokens: int,
-            fixed_budget: int, max_branches: int = 1) -> GenerationResult:
+            fixed_budget: int, max_branches: int = 1, learnt: SharedEstimates | None = None) -> GenerationResult:
+    """One prompt through duo; duo-auto starts from what its earlier sessions ``learnt`` (as a client that
+    keeps running does), else cold."""
     policies: dict[str, Callable] = {
         "duo-nospec": lambda: FixedBudget(0),
         "duo-fixed": lambda: FixedBudget(fixed_budget, max_branches),
         "duo-sequential": lambda: FixedBudget(fixed_budget, max_branches),
-        "duo-auto": lambda: AdaptiveBudget(ControllerConfig(max_branches=max_branches)),
+        "duo-auto": lambda: AdaptiveBudget(ControllerConfig(max_branches=max_branches), learnt),
     }
     request = GenerationRequest(prompt_ids=tuple(prompt_ids),
                                 stopping=StoppingParams(max_new_tokens=max_new_tokens),
@@ -235,6 +237,16 @@ def _opt(value, spec: str) -> str:
 def write_json(path: Path, summaries: list[SystemSummary], meta: dict) -> None:
     payload = {"meta": meta, "systems": [asdict(s) for s in summaries]}
     path.write_text(json.dumps(payload, indent=2))
+
+
+def chart_unavailable_reason() -> str | None:
+    """Why ``save_chart`` cannot run here (matplotlib, of duo's ``bench`` extra, is missing), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("--chart needs matplotlib, which duo's bench extra installs: pip install -e '.[bench]' in duo's "
+                "folder (or pip install matplotlib)")
+    return None
 
 
 def save_chart(path: Path, summaries: list[SystemSummary], title: str) -> None:

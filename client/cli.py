@@ -5,42 +5,55 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import grpc
 
-from client import bench
-from client.budget import AdaptiveBudget, ControllerConfig
-from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services, usable_cores
+from client import bench, resident
+from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from client.embedded import EmbeddedConfig, embedded_services, usable_cores
 from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
 from duo_common.cpu_runtime import KERNEL_CHOICES
-from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
-from duo_common.errors import DuoError, FailedPrecondition
+from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, check_local_model
+from duo_common.errors import DuoError, FailedPrecondition, StartupError
+from duo_common.generation_spec import ChatMessage, ChatRole
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.rpc import MAX_MESSAGE_BYTES
 from duo_common.security import ChannelSecurity, read_token
+from duo_common.serve_cli import budget_option
 from duo_common.tree import DEFAULT_MAX_BRANCHES
 
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
-def parse_budget(value: str) -> int | None:
-    """``auto`` → None (the client's policy), else a non-negative integer."""
-    if value == "auto":
-        return None
-    try:
-        budget = int(value)
-    except ValueError:
-        raise click.BadParameter(f"expected a number of draft tokens or 'auto', got {value!r}") from None
-    if not 0 <= budget <= 1024:
-        raise click.BadParameter(f"draft budget must be in [0, 1024], got {budget}")
-    return budget
-
-
 @click.group()
+@click.version_option(package_name="duo", prog_name="duo-client")
 def main() -> None:
     """duo: distributed speculative decoding (draft on CPU, verify on GPU, over gRPC)."""
+
+
+# The options that choose and size an embedded pair: generate's (a pair of its own, or the resident one where
+# it runs the same models) and up's.
+_EMBEDDED_PAIR_OPTIONS = [
+    click.option("--target-model", default=DEFAULT_TARGET, show_default=True, help="Embedded mode: target model."),
+    click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True, help="Embedded mode: draft model."),
+    click.option("--verify-threads", type=click.IntRange(1), default=usable_cores(),
+                 show_default="this machine's cores", help="Embedded mode: the verify service's threads."),
+    click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True,
+                 help="Embedded mode: the draft service's threads."),
+    click.option("--device", default="auto", show_default=True, help="Embedded mode: the verify service's device."),
+    click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
+                 help="Embedded mode: both services' CPU matrix kernels (duo-verify serve --help)."),
+]
+
+
+def _embedded_pair_options(command):
+    for option in reversed(_EMBEDDED_PAIR_OPTIONS):
+        command = option(command)
+    return command
 
 
 @main.command()
@@ -54,7 +67,10 @@ def main() -> None:
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the model has one).")
-@click.option("--draft-budget", default="auto", show_default=True, help="Draft tokens per round, or auto.")
+@click.option("--system", "system_prompt", default=None,
+              help="A system message before the prompt (sent as chat messages, through the chat template).")
+@click.option("--draft-budget", default="auto", show_default=True, callback=budget_option,
+              help="Draft tokens per round, or auto.")
 @click.option("--max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES, show_default=True,
               help="Token-tree width: alternatives per node (1 = chains).")
 @click.option("--no-speculation", is_flag=True, help="The target alone through the same verify service.")
@@ -64,33 +80,27 @@ def main() -> None:
 @click.option("--verify-addr", envvar="DUO_VERIFY_ADDR",
               help="Remote mode: HOST:PORT of the draft service's verifier, checked for a compatible tokenizer "
                    "before generating.")
-@click.option("--target-model", default=DEFAULT_TARGET, show_default=True, help="Embedded mode: target model.")
-@click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True, help="Embedded mode: draft model.")
-@click.option("--verify-threads", type=click.IntRange(1), default=usable_cores(), show_default="this machine's cores",
-              help="Embedded mode: the verify service's threads.")
-@click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True,
-              help="Embedded mode: the draft service's threads.")
-@click.option("--device", default="auto", show_default=True, help="Embedded mode: the verify service's device.")
-@click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
-              help="Embedded mode: both services' CPU matrix kernels (duo-verify serve --help).")
+@_embedded_pair_options
 @click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None, help="Deadline of the generation.")
 @click.option("--tls-ca", type=_FILE, envvar="DUO_CLIENT_TLS_CA", help="Remote mode: CA of the draft service (TLS).")
 @click.option("--tls-cert", type=_FILE, envvar="DUO_CLIENT_TLS_CERT", help="Client certificate (mutual TLS).")
 @click.option("--tls-key", type=_FILE, envvar="DUO_CLIENT_TLS_KEY", help="Client key (mutual TLS).")
 @click.option("--auth-token-file", type=_FILE, envvar="DUO_CLIENT_AUTH_TOKEN_FILE",
               help="Send 'authorization: Bearer <token>' with the token in this file.")
-def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, ignore_eos, chat, draft_budget,
-             max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model,
+def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, ignore_eos, chat, system_prompt,
+             draft_budget, max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model,
              verify_threads, draft_threads, device, cpu_kernels, timeout_s, tls_ca, tls_cert, tls_key, auth_token_file):
     """Generate a continuation of PROMPT (read from stdin when omitted), streaming it to stdout."""
     if prompt is None:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.UsageError("the prompt is empty")
-    budget = 0 if no_speculation else parse_budget(draft_budget)
+    if system_prompt is not None and chat is False:
+        raise click.UsageError("--system needs the chat template: drop --no-chat")
+    budget = 0 if no_speculation else draft_budget
     try:
         request = GenerationRequest(
-            prompt_text=prompt,
+            **_prompt(prompt, system_prompt),
             apply_chat_template=chat,
             decoding=DecodingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
             stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings),
@@ -113,20 +123,28 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
             if draft_addr is None:
                 if verify_addr is not None:
                     raise click.UsageError("--verify-addr needs --draft-addr (the draft service talks to the verifier)")
-                config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
-                                        cpu_kernels=cpu_kernels)
-                draft_addr = stack.enter_context(embedded_services(config)).draft
+                if (pair := resident.current()) is not None and pair.serves(target_model, draft_model):
+                    draft_addr = pair.draft  # duo-client up's: started, loaded
+                else:
+                    for model in (target_model, draft_model):
+                        check_local_model(model)  # before minutes of starting services
+                    config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
+                                            cpu_kernels=cpu_kernels)
+                    draft_addr = stack.enter_context(embedded_services(config)).draft
             channel = stack.enter_context(security.channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
+            peers = [_Peer("draft service", draft_addr, "--draft-addr", channel)]
             orchestrator = Orchestrator(channel, timeout_s, security.metadata)
-            if verify_addr is not None:
-                with security.channel(verify_addr) as verify_channel:
+            try:
+                if verify_addr is not None:
+                    verify_channel = stack.enter_context(security.channel(verify_addr))
+                    peers.append(_Peer("verify service", verify_addr, "--verify-addr", verify_channel))
                     check_verifier(orchestrator, verify_channel, security.metadata)
-            result = orchestrator.generate(request, policy, on_text)
-    except (ServiceStartError, FailedPrecondition) as exc:
+                result = orchestrator.generate(request, policy, on_text)
+            except grpc.RpcError as exc:
+                raise click.ClickException(_call_failure(exc, peers)) from exc
+    except (StartupError, FailedPrecondition) as exc:
         raise click.ClickException(str(exc)) from exc
-    except grpc.RpcError as exc:
-        raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc
 
     if as_json:
         click.echo(json.dumps(_json_result(result)))
@@ -134,6 +152,39 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
         click.echo()
     if show_stats:
         _print_stats(result)
+
+
+def _prompt(prompt: str, system_prompt: str | None) -> dict:
+    """GenerationRequest's prompt: the text, or with a system message, the chat of both."""
+    if system_prompt is None:
+        return {"prompt_text": prompt}
+    return {"messages": (ChatMessage(ChatRole.SYSTEM, system_prompt), ChatMessage(ChatRole.USER, prompt))}
+
+
+@dataclass(frozen=True)
+class _Peer:
+    service: str
+    address: str
+    flag: str  # the option that names its address
+    channel: grpc.Channel
+
+
+def _call_failure(exc: grpc.RpcError, peers: list[_Peer]) -> str:
+    """One line for a failed call; a service that cannot be reached is named, with the option to check."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        for peer in peers:
+            if not _reachable(peer.channel):
+                return (f"cannot reach the {peer.service} at {peer.address} (UNAVAILABLE): start it, or point "
+                        f"{peer.flag} at a running one")
+    return f"{exc.code().name}: {exc.details()}"
+
+
+def _reachable(channel: grpc.Channel, wait_s: float = 1.0) -> bool:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait_s)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
 
 
 def _print_stream(text: str) -> None:
@@ -169,6 +220,49 @@ def _first_token_line(parts: dict[str, float]) -> str:
     return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in named)
 
 
+@main.command()
+@_embedded_pair_options
+def up(target_model, draft_model, verify_threads, draft_threads, device, cpu_kernels):
+    """Start a resident pair in the background: later generate calls with the same models use it, without
+    starting services or loading models. duo-client down stops it."""
+    if (pair := resident.current()) is not None:
+        click.echo(f"already up: {_describe(pair)}")
+        return
+    try:
+        for model in (target_model, draft_model):
+            check_local_model(model)
+        click.echo("starting the pair (the models load; the first run converts the default target)...", err=True)
+        pair = resident.start(EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
+                                             cpu_kernels=cpu_kernels))
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"up: {_describe(pair)}")
+
+
+@main.command()
+def down() -> None:
+    """Stop the resident pair."""
+    if (pair := resident.current()) is None:
+        click.echo("no resident pair is up")
+        return
+    resident.stop(pair)
+    click.echo(f"stopped the pair of keeper pid {pair.keeper_pid}")
+
+
+@main.command()
+def status() -> None:
+    """Say whether a resident pair is up, and which."""
+    pair = resident.current()
+    click.echo(f"up: {_describe(pair)}" if pair is not None else "no resident pair is up (duo-client up starts one)")
+
+
+def _describe(pair: resident.ResidentPair) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pair.started_at))
+    return (f"target {pair.target_model}, draft {pair.draft_model}; draft service {pair.draft}, verify service "
+            f"{pair.verify}; keeper pid {pair.keeper_pid} (services {', '.join(map(str, pair.service_pids))}), "
+            f"since {since}")
+
+
 @main.command(name="bench")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="JSONL file of {\"prompt\": ...} (default: the shipped set).")
@@ -199,6 +293,8 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
     from duo_common.default_models import resolve_model
 
+    if chart is not None and (missing := bench.chart_unavailable_reason()):
+        raise click.ClickException(missing)  # before the bench, not after it
     chosen = [name.strip() for name in systems.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(bench.ALL_SYSTEMS))
     if unknown or not chosen:
@@ -219,12 +315,13 @@ def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, ma
             channel = stack.enter_context(grpc.insecure_channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
             orchestrator = Orchestrator(channel)
+        learnt = SharedEstimates()  # duo-auto's sessions, one after another, on these services
 
         def run_one(system: str, index: int, ids: list[int]) -> bench.Run:
             if system.startswith("hf"):
                 tokens, total_s, ttft_s = baselines.run(system, ids, max_new_tokens)
                 return bench.Run(system, index, tokens, total_s, ttft_s)
-            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget, max_branches)
+            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget, max_branches, learnt)
             return bench.run_from_result(system, index, result)
 
         if warmup:

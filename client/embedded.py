@@ -1,13 +1,17 @@
 """Embedded mode: the verify service and the draft service as child processes on loopback ephemeral
-ports, the same gRPC path as a deployment. Started, waited for (health SERVING), and always stopped."""
+ports, the same gRPC path as a deployment. Started, waited for (health SERVING), and always stopped: on
+SIGTERM and SIGHUP as on Ctrl-C, and a client killed outright is outlived by its children for a few seconds
+at most (they watch their parent: ``--parent-pid``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +20,11 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from duo_common.errors import StartupError
 
-class ServiceStartError(RuntimeError):
-    """A child service exited or did not become healthy; carries the tail of its log."""
+
+class ServiceStartError(StartupError):
+    """A child service exited or did not become healthy; says why in one line (from its log)."""
 
 
 # Where the two services share cores, the drafter runs at a lower priority: drafting ahead then takes only the
@@ -56,11 +62,13 @@ class EmbeddedConfig:
 class ServiceAddresses:
     draft: str
     verify: str
+    pids: tuple[int, ...] = ()  # of the child services
 
 
 @contextlib.contextmanager
 def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
-    with tempfile.TemporaryDirectory(prefix="duo-embedded-") as workdir, contextlib.ExitStack() as stack:
+    with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="duo-embedded-") as workdir, \
+            contextlib.ExitStack() as stack:
         work = Path(workdir)
         deadline = time.monotonic() + config.start_timeout_s
         verify = stack.enter_context(_child("verify", [
@@ -75,27 +83,30 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
             "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels, "--verify-addr", verify_addr,
             *(SHARED_CORES_DRAFT_OPTIONS if shares_cores else ()), *config.draft_options,
         ], work, DRAFT_NICENESS if shares_cores else 0))
-        draft_addr = f"127.0.0.1:{draft.wait_port(deadline)}"
-        verify.wait_healthy(verify_addr, deadline)
-        draft.wait_healthy(draft_addr, deadline)
-        yield ServiceAddresses(draft=draft_addr, verify=verify_addr)
+        draft_addr = f"127.0.0.1:{draft.wait_port(deadline, alongside=(verify,))}"
+        verify.wait_healthy(verify_addr, deadline, alongside=(draft,))
+        draft.wait_healthy(draft_addr, deadline, alongside=(verify,))
+        yield ServiceAddresses(draft=draft_addr, verify=verify_addr, pids=(verify.process.pid, draft.process.pid))
 
 
 class _Child:
     def __init__(self, name: str, process: subprocess.Popen, port_file: Path, log_file: Path):
         self.name, self.process, self.port_file, self.log_file = name, process, port_file, log_file
 
-    def wait_port(self, deadline: float) -> int:
+    def wait_port(self, deadline: float, alongside: tuple[_Child, ...] = ()) -> int:
+        """The port it listens on; meanwhile, a child ``alongside`` that fails fails the wait too."""
         while not self.port_file.exists():
-            self._check_alive(deadline)
+            for child in (self, *alongside):
+                child._check_alive(deadline)
             time.sleep(0.05)
         return int(self.port_file.read_text())
 
-    def wait_healthy(self, address: str, deadline: float) -> None:
+    def wait_healthy(self, address: str, deadline: float, alongside: tuple[_Child, ...] = ()) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                self._check_alive(deadline)
+                for child in (self, *alongside):
+                    child._check_alive(deadline)
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -106,15 +117,10 @@ class _Child:
 
     def _check_alive(self, deadline: float) -> None:
         if self.process.poll() is not None:
-            raise ServiceStartError(f"the {self.name} service exited with code {self.process.returncode}:\n{self.log_tail()}")
+            raise ServiceStartError(f"the {self.name} service could not start: {failure_line(self.log_file)}")
         if time.monotonic() > deadline:
-            raise ServiceStartError(f"the {self.name} service did not become ready in time:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            raise ServiceStartError(f"the {self.name} service did not become ready in time: "
+                                    f"{failure_line(self.log_file)}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -126,12 +132,23 @@ class _Child:
                 self.process.wait()
 
 
+def failure_line(log_file: Path) -> str:
+    """What a process said last about its failure: its one-line ``Error:`` (duo's start-up errors), else the
+    last line it wrote (an unexpected exception's, after its traceback)."""
+    try:
+        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    errors = [line.removeprefix("Error: ") for line in lines if line.startswith("Error: ")]
+    return errors[-1] if errors else lines[-1] if lines else "(it wrote nothing)"
+
+
 @contextlib.contextmanager
 def _child(name: str, module_args: list[str], work: Path, niceness: int = 0) -> Iterator[_Child]:
     port_file = work / f"{name}.port"
     log_file = work / f"{name}.log"
     args = [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--grace-s", "2"]
+            "--grace-s", "2", "--parent-pid", str(os.getpid())]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
@@ -140,3 +157,22 @@ def _child(name: str, module_args: list[str], work: Path, niceness: int = 0) -> 
         yield child
     finally:
         child.stop()
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the client as Ctrl-C does, by an exception, so the children are stopped on the
+    way out (their default action would end the client alone). Signal handlers belong to the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_signal(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {signum: signal.signal(signum, exit_on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -7,6 +7,7 @@ each round, returning a new budget or None to keep the current one.
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,16 @@ import grpc
 from duo_common import codec
 from duo_common.compat import check_compatible
 from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo_common.generation_spec import ChatMessage
 from duo_common.models import ModelInfo
 from duo_common.params import DecodingParams, StoppingParams
+from duo_common.resume import ResumePolicy
 from duo_common.stopping import FinishReason
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 
 _CLOSE = object()
+log = logging.getLogger(__name__)
 
 
 class BudgetPolicy(Protocol):
@@ -50,14 +54,15 @@ class FixedBudget:
 class GenerationRequest:
     prompt_text: str | None = None
     prompt_ids: tuple[int, ...] | None = None
-    apply_chat_template: bool | None = None  # None: the tokenizer's default
+    messages: tuple[ChatMessage, ...] | None = None  # a chat, always through the chat template
+    apply_chat_template: bool | None = None  # None: the tokenizer's default (text prompts)
     decoding: DecodingParams = DecodingParams()
     stopping: StoppingParams = StoppingParams()
     sequential: bool = False  # benchmarks only: no drafting while the verifier works
 
     def __post_init__(self) -> None:
-        if (self.prompt_text is None) == (self.prompt_ids is None):
-            raise ValueError("give exactly one of prompt_text and prompt_ids")
+        if sum(prompt is not None for prompt in (self.prompt_text, self.prompt_ids, self.messages)) != 1:
+            raise ValueError("give exactly one of prompt_text, prompt_ids and messages")
 
 
 @dataclass
@@ -70,6 +75,7 @@ class GenerationResult:
     total_s: float  # client-measured: request sent → finished
     budgets: list[int] = field(default_factory=list)  # budget in force at each round
     rounds: list[RoundTimings] = field(default_factory=list)  # per-round timings, in order
+    drafter_resumes: int = 0  # times the draft service was lost and the generation continued
 
     @property
     def tokens_per_s(self) -> float:
@@ -92,10 +98,13 @@ class GenerationResult:
             "drafted_tokens": stats.drafted_tokens,
             "accepted_tokens": stats.accepted_tokens,
             "draft_budget": self.budgets[-1] if self.budgets else stats.final_draft_budget,
+            # who chose the budgets: "request", "client" (this client's policy) or "service" (its controller)
+            "draft_budget_source": stats.draft_budget_source.value if stats.draft_budget_source else None,
             "draft_compute_s": round(stats.draft_compute_s, 4),
             "verify_compute_s": round(stats.verify_compute_s, 4),
             "verify_round_trip_s": round(stats.verify_round_trip_s, 4),
             "first_token": self.first_token(),
+            "resumes": {"draft_service": self.drafter_resumes, "verifier": stats.verifier_resumes},
         }
 
     def first_token(self) -> dict[str, float]:
@@ -110,10 +119,12 @@ class GenerationResult:
 
 
 class Orchestrator:
-    def __init__(self, channel: grpc.Channel, timeout_s: float | None = None, metadata: tuple = ()):
+    def __init__(self, channel: grpc.Channel, timeout_s: float | None = None, metadata: tuple = (),
+                 resume: ResumePolicy = ResumePolicy()):
         self._stub = duo_pb2_grpc.DrafterStub(channel)
         self._timeout_s = timeout_s
         self._metadata = metadata
+        self.resume = resume  # carrying a generation on after losing the draft service
 
     def draft_model_info(self) -> ModelInfo:
         return codec.model_info_from_pb(
@@ -125,39 +136,86 @@ class Orchestrator:
         policy: BudgetPolicy,
         on_text: Callable[[str], None] = lambda text: None,
     ) -> GenerationResult:
-        """Run one generation to its end, calling ``on_text`` with each newly final piece of text."""
+        """Run one generation to its end, calling ``on_text`` with each newly final piece of text.
+
+        A draft service lost mid-generation (UNAVAILABLE) is asked again, on the same address (DNS may give
+        another replica), to continue from the tokens received so far, while ``resume`` lasts: no token is
+        delivered twice or skipped, and stop strings and max_new_tokens count across the resume. The
+        deadline (``timeout_s``) covers all attempts."""
+        progress = _Progress(budget=policy.initial(), started=time.perf_counter())
+        attempt, lost_at = 0, None
+        while True:
+            delivered = len(progress.token_ids)
+            try:
+                return self._attempt(request, policy, on_text, progress)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not progress.reached:
+                    raise  # a draft service never reached is the caller's error at once, not a loss
+                if len(progress.token_ids) > delivered:  # that attempt got somewhere: a new loss, a new budget
+                    attempt, lost_at = 0, None
+                attempt += 1
+                lost_at = lost_at or time.perf_counter()
+                left_s = self.resume.within_s - (time.perf_counter() - lost_at)
+                if attempt > self.resume.attempts or left_s <= 0:
+                    raise
+                pause_s = self.resume.pause_s(attempt, left_s)
+                log.warning("lost the draft service (%s); continuing after %d tokens in %.1f s (attempt %d of %d)",
+                            exc.details(), len(progress.token_ids), pause_s, attempt, self.resume.attempts)
+                time.sleep(pause_s)
+                progress.drafter_resumes += 1
+
+    def _attempt(self, request: GenerationRequest, policy: BudgetPolicy, on_text: Callable[[str], None],
+                 progress: _Progress) -> GenerationResult:
+        """One Session call, continuing ``progress`` (the tokens earlier attempts received)."""
         outbox: queue.Queue = queue.Queue()
-        budget = policy.initial()
         width = getattr(policy, "max_branches", 1)  # a policy without a width drafts chains
-        outbox.put(pb.SessionRequest(start=_request_to_pb(request, budget, width)))
-        started = time.perf_counter()
-        call = self._stub.Session(iter(outbox.get, _CLOSE), timeout=self._timeout_s, metadata=self._metadata)
-        token_ids: list[int] = []
-        budgets: list[int] = []
-        rounds: list[RoundTimings] = []
-        ttft_s = 0.0
+        start = _request_to_pb(request, progress.budget, width)
+        if progress.token_ids:
+            start.continuation.delivered_token_ids.extend(progress.token_ids)
+        outbox.put(pb.SessionRequest(start=start))
+        timeout_s = None
+        if self._timeout_s is not None:
+            timeout_s = max(0.001, self._timeout_s - (time.perf_counter() - progress.started))
+        call = self._stub.Session(iter(outbox.get, _CLOSE), timeout=timeout_s, metadata=self._metadata)
+        token_ids, budgets, rounds = progress.token_ids, progress.budgets, progress.rounds
         try:
-            for event in _events(call):
+            for event in _events(call, progress):
                 if isinstance(event, FinishedEvent):
-                    return GenerationResult(event.text, token_ids, event.reason, event.stats, ttft_s,
-                                            time.perf_counter() - started, budgets, rounds)
+                    del token_ids[event.stats.new_tokens:]  # a stop string's tokens: not the text's (stopping.py)
+                    return GenerationResult(event.text, token_ids, event.reason, event.stats, progress.ttft_s,
+                                            time.perf_counter() - progress.started, budgets, rounds,
+                                            progress.drafter_resumes)
                 if event.token_ids and not token_ids:
-                    ttft_s = time.perf_counter() - started
+                    progress.ttft_s = time.perf_counter() - progress.started
                 token_ids.extend(event.token_ids)
                 if event.text_delta:
                     on_text(event.text_delta)
                 if event.timings is not None:
-                    budgets.append(budget)
+                    budgets.append(progress.budget)
                     rounds.append(event.timings)
                     new_budget = policy.after_round(event.timings)
-                    if new_budget is not None and new_budget != budget:
-                        budget = new_budget
+                    if new_budget is not None and new_budget != progress.budget:
+                        progress.budget = new_budget
                         outbox.put(pb.SessionRequest(budget=pb.BudgetUpdate(
-                            budget=pb.DraftBudget(max_draft_tokens=budget, max_branches=width))))
+                            budget=pb.DraftBudget(max_draft_tokens=new_budget, max_branches=width))))
         finally:
             outbox.put(_CLOSE)
             call.cancel()
         raise RuntimeError("the draft service ended the session without a Finished event")
+
+
+@dataclass
+class _Progress:
+    """What a generation has received so far, over all its attempts."""
+
+    budget: int
+    started: float
+    ttft_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
+    rounds: list[RoundTimings] = field(default_factory=list)
+    drafter_resumes: int = 0
+    reached: bool = False  # a draft service answered (its Started event): losing it later is resumed
 
 
 def check_verifier(orchestrator: Orchestrator, verify_channel: grpc.Channel, metadata: tuple = ()) -> ModelInfo:
@@ -168,8 +226,9 @@ def check_verifier(orchestrator: Orchestrator, verify_channel: grpc.Channel, met
     return target
 
 
-def _events(call) -> Iterator[CommittedEvent | FinishedEvent]:
+def _events(call, progress: _Progress) -> Iterator[CommittedEvent | FinishedEvent]:
     for message in call:
+        progress.reached = True
         event = codec.event_from_pb(message)
         if event is not None:
             yield event
@@ -184,6 +243,8 @@ def _request_to_pb(request: GenerationRequest, budget: int, max_branches: int = 
     )
     if request.prompt_text is not None:
         message.text = request.prompt_text
+    elif request.messages is not None:
+        message.messages.CopyFrom(codec.chat_to_pb(request.messages))
     else:
         message.token_ids.ids.extend(request.prompt_ids)
     if request.apply_chat_template is not None:

@@ -56,8 +56,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Writable model cache; a fresh named volume inherits the duo user's ownership from this directory.
 VOLUME ["/var/cache/duo"]
 
-# gRPC (duo.v1.Drafter + grpc.health.v1 + reflection) and Prometheus metrics.
-EXPOSE 50051 9090
+# gRPC (duo.v1.Drafter + grpc.health.v1 + reflection), Prometheus metrics, and the OpenAI-compatible HTTP API
+# (served with --http-port 8000 / DUO_DRAFT_HTTP_PORT=8000).
+EXPOSE 50051 9090 8000
 
 USER 10001:10001
 WORKDIR /home/duo

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import click
 
-from draft_service.readiness import follow_verifier
+from draft_service.http_api import build_app
+from draft_service.http_server import HttpServer
+from draft_service.readiness import ServingState, follow_verifier
 from draft_service.servicer import DrafterConfig, DrafterServicer
+from duo_common.resume import ResumePolicy
 from duo_common import batched_forward
 from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
 from duo_common.default_models import DEFAULT_DRAFT
@@ -18,7 +21,8 @@ from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo_common.metrics import ServiceMetrics
 from duo_common.models import load_causal_lm
 from duo_common.security import ChannelSecurity, read_token
-from duo_common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
+from duo_common.serve_cli import (ServeSettings, budget_option, common_serve_options, log_batching, setup_process,
+                                  start_server)
 from duo_common.sessions import SessionRegistry
 from duo_common.tree import DEFAULT_MAX_BRANCHES
 from protos import duo_pb2_grpc
@@ -27,6 +31,7 @@ log = logging.getLogger("duo.draft")
 
 
 @click.group()
+@click.version_option(package_name="duo", prog_name="duo-draft")
 def main() -> None:
     """duo draft service: the draft model and the speculative loop."""
 
@@ -48,8 +53,9 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
          help="auto: float32 where the packed CPU kernels run (the draft's numerics never change duo's output, "
               "and that is its fastest runtime measured), else the checkpoint's own dtype.")
 @_option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", help=KERNELS_HELP)
-@_option("--default-budget", type=click.IntRange(0, 1024), default=4,
-         help="Draft tokens per round when a request sets none.")
+@_option("--default-budget", default="auto", callback=budget_option,
+         help="Draft tokens per round when a request sets none: a number, or auto (the latency-aware controller "
+              "chooses each round from the session's timings, starting from what earlier sessions measured).")
 @_option("--default-max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES,
          help="Token-tree width when a request sets no budget (1: chains).")
 @_option("--context-copy/--no-context-copy", default=True,
@@ -64,17 +70,26 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @_option("--draft-prefill", type=click.Choice(["parallel", "after-first-token"]), default="parallel",
          help="When the draft model reads the prompt: beside the target's prefill, or once the first token is out "
               "(where both services share cores, so the target's prefill has them all).")
+@_option("--verifier-resume-attempts", type=click.IntRange(0, 100), default=ResumePolicy.attempts,
+         help="New verifier sessions a generation may open after losing its verifier (prompt plus the tokens "
+              "committed so far; greedy output unchanged); 0: the loss is the caller's error.")
+@_option("--verifier-resume-within-s", type=click.FloatRange(0), default=ResumePolicy.within_s,
+         help="Longest time after losing the verifier that a generation keeps trying to resume.")
 @_option("--verify-tls-ca", type=_FILE, default=None, help="CA of the verifier's certificate: TLS to the verifier.")
 @_option("--verify-tls-cert", type=_FILE, default=None, help="Client certificate for mutual TLS to the verifier.")
 @_option("--verify-tls-key", type=_FILE, default=None, help="Client key for mutual TLS to the verifier.")
 @_option("--verify-server-name", default=None, help="Name to check in the verifier's certificate.")
 @_option("--verify-auth-token-file", type=_FILE, default=None, help="Bearer token the verifier requires.")
+@_option("--http-port", type=click.IntRange(0, 65535), default=None,
+         help="Also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+              "/health) on this port, on --host, with --auth-token-file's token (0 picks a free port).")
 @common_serve_options("DUO_DRAFT")
 def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s,
-          verify_wait_s, max_new_tokens_limit, max_prompt_tokens, draft_prefill,
-          verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file,
+          verify_wait_s, max_new_tokens_limit, max_prompt_tokens, draft_prefill, verifier_resume_attempts,
+          verifier_resume_within_s,
+          verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file, http_port,
           settings: ServeSettings):
-    """Serve the Drafter RPCs (Session, Generate, GetModelInfo)."""
+    """Serve the Drafter RPCs (Session, Generate, GetModelInfo), and the HTTP API with --http-port."""
     setup_process(settings)
     try:
         verify_security = ChannelSecurity(verify_tls_ca, verify_tls_cert, verify_tls_key,
@@ -86,27 +101,42 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
         ("grpc.max_send_message_length", settings.server.max_message_bytes),
         # Each session is one stream on one verifier; spread sessions over all resolved verifiers.
         ("grpc.lb_policy_name", "round_robin"),
+        # Reconnect to a lost verifier within seconds (gRPC's default backoff grows to two minutes), so
+        # sessions resuming after a verifier restart find it soon after it is back.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ])
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
                            context_copy=context_copy, verify_timeout_s=verify_timeout_s,
                            max_new_tokens_limit=max_new_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                            max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions,
-                           draft_prefill_first=draft_prefill == "parallel")
+                           draft_prefill_first=draft_prefill == "parallel",
+                           resume=ResumePolicy(verifier_resume_attempts, verifier_resume_within_s))
     metrics = ServiceMetrics("draft")
     sessions = SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s)
     servicer = DrafterServicer(config, channel, sessions, metrics, verify_security.metadata)
     server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
                           model)
+    serving = ServingState(server.set_serving)
+    http = None
+    if http_port is not None:  # before the model loads: its /health says 503 meanwhile
+        app = build_app(servicer.factory, sessions, serving, settings.server.auth_token,
+                        settings.server.max_message_bytes)
+        http = HttpServer(app, settings.host, http_port, settings.grace_s, settings.server.tls)
+        http.start()
+        log.info("HTTP API on %s://%s:%d/v1", http.scheme, settings.host, http.port)
     if dtype == "auto" and packed_kernels_will_run(cpu_kernels):
         dtype = "float32"
     loaded = load_causal_lm(model, "cpu", dtype, cpu_kernels)
     servicer.attach(loaded)
     log_batching(batched_forward.runs_together(loaded.model), settings)
     _wait_for_compatible_verifier(servicer, verify_addr, verify_wait_s)
-    server.mark_serving()
-    follow_verifier(channel, server.set_serving)
+    serving.set(True)
+    follow_verifier(channel, serving.set)
     log.info("serving; verifier at %s", verify_addr)
     server.serve_until_signal(settings.grace_s)
+    if http is not None:
+        http.stop()  # after the gRPC server's drain: HTTP streams in flight had that time too
     servicer.close()
 
 

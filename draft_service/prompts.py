@@ -1,10 +1,19 @@
-"""Turning a request's prompt (text or token ids) into the token ids both models see."""
+"""Turning a request's prompt (text, token ids or chat messages) into the token ids both models see.
+
+The chat template is applied here and nowhere else in the service: chat messages always go through it, a text
+prompt as one user message when asked (by default when the tokenizer has a template).
+"""
 
 from __future__ import annotations
 
-from duo_common.errors import InvalidArgument
+from jinja2 import TemplateError
 
-MAX_PROMPT_CHARS = 1_000_000
+from duo_common import codec
+from duo_common.errors import InvalidArgument
+from duo_common.generation_spec import ChatMessage, ChatPrompt, ChatRole, Prompt, TextPrompt, TokenIdsPrompt
+
+MAX_PROMPT_CHARS = 1_000_000  # of a text prompt, and of a chat's messages together
+MAX_CHAT_MESSAGES = 4096
 
 
 class PromptEncoder:
@@ -20,6 +29,18 @@ class PromptEncoder:
         if self.has_chat_template:
             self.encode_text("hello", True)
 
+    def encode(self, prompt: Prompt, vocab_size: int) -> tuple[int, ...]:
+        """Any kind of prompt as token ids, each within the target's vocabulary."""
+        if isinstance(prompt, TextPrompt):
+            return self.encode_text(prompt.text, prompt.apply_chat_template)
+        if isinstance(prompt, ChatPrompt):
+            return self.encode_chat(prompt.messages)
+        if isinstance(prompt, TokenIdsPrompt):
+            if not prompt.ids:
+                raise InvalidArgument("the prompt is empty: give some text or token ids")
+            return codec.token_ids_from_pb(prompt.ids, vocab_size, "prompt")
+        raise TypeError(f"not a prompt: {prompt!r}")
+
     def encode_text(self, text: str, apply_chat_template: bool | None) -> tuple[int, ...]:
         """Tokenize text, as one user message in the chat template when asked (default: when there is one)."""
         if not text:
@@ -30,16 +51,39 @@ class PromptEncoder:
         if use_chat:
             if not self.has_chat_template:
                 raise InvalidArgument("the chat template was asked for but this tokenizer has none; use --no-chat")
-            ids = self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-        else:
-            ids = self._tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise InvalidArgument("the prompt tokenizes to nothing")
-        return tuple(int(i) for i in ids)
+            return self._through_template((ChatMessage(ChatRole.USER, text),))
+        return _checked_ids(self._tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
+        """A conversation through the chat template, which then opens the assistant's turn."""
+        if not messages:
+            raise InvalidArgument("the chat has no messages: give at least one")
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise InvalidArgument(f"the chat has {len(messages)} messages; the limit is {MAX_CHAT_MESSAGES}")
+        chars = sum(len(message.content) for message in messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"the chat's messages have {chars} characters; the limit is {MAX_PROMPT_CHARS}")
+        if not self.has_chat_template:
+            raise InvalidArgument("this model's tokenizer has no chat template: send text or token ids instead of "
+                                  "chat messages")
+        return self._through_template(messages)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _through_template(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
+        conversation = [{"role": message.role.value, "content": message.content} for message in messages]
+        try:
+            ids = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
+        except TemplateError as exc:  # e.g. a template that wants user and assistant turns to alternate
+            raise InvalidArgument(f"the chat template refused these messages: {exc}") from exc
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return _checked_ids(ids)
+
+
+def _checked_ids(ids) -> tuple[int, ...]:
+    if not ids:
+        raise InvalidArgument("the prompt tokenizes to nothing")
+    return tuple(int(i) for i in ids)

@@ -5,6 +5,7 @@ again once it connects."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import grpc
@@ -35,3 +36,23 @@ def follow_verifier(channel: grpc.Channel, set_serving: Callable[[bool], None]) 
 
     channel.subscribe(on_state, try_to_connect=True)
     return stop
+
+
+class ServingState:
+    """Whether the service can take work now, told to each of ``followers`` (the gRPC health service) and
+    readable by those that ask (the HTTP API's /health): not until ``set(True)``."""
+
+    def __init__(self, *followers: Callable[[bool], None]):
+        self._followers = followers
+        self._serving = threading.Event()
+
+    def set(self, serving: bool) -> None:
+        if serving:
+            self._serving.set()
+        else:
+            self._serving.clear()
+        for follower in self._followers:
+            follower(serving)
+
+    def __call__(self) -> bool:
+        return self._serving.is_set()

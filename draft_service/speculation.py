@@ -9,21 +9,32 @@ After a full acceptance whose next token is one of the hedged candidates (or a r
 was drafted as an unproposed sibling), round i+1's proposal is already drafted.
 The target's prefill yields the first token on its own and it is emitted at once, while the draft model
 prefills in parallel. Budget 0 means no speculation: the target alone, one token per round.
+
+A session that loses its verifier (``VerifierLost``) opens a new verifier session on the prompt plus every
+token committed so far, through ``reconnect`` (the same address: a restarted verifier, or another replica
+behind it), and carries on: that session's first token is the round's. The caller sees a delay, never an
+error, while ``ResumePolicy`` lasts. Greedy output is the same as without the fault; sampled output keeps
+the target's distribution (a new verifier session draws fresh random numbers, so a seeded session that
+resumed does not repeat the unfaulted run's samples).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from draft_service.tree_drafter import TreeDrafter
-from draft_service.verifier_link import PrefillReply, VerdictReply
+from draft_service.verifier_link import PrefillReply, VerdictReply, VerifierLost
 from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
 from duo_common.params import DecodingParams
+from duo_common.resume import ResumePolicy
 from duo_common.stopping import FinishReason, StopChecker
 from duo_common.tree import TokenTree
+
+log = logging.getLogger(__name__)
 
 
 class VerifierLink(Protocol):
@@ -82,12 +93,17 @@ class SpeculativeSession:
         make_drafter: Callable[[], TreeDrafter],
         stop: StopChecker,
         budget: Callable[[], int],
+        reconnect: Callable[[], VerifierLink] | None = None,
+        resume: ResumePolicy = ResumePolicy(),
     ):
+        """``reconnect`` makes a new link to the verifier for a session that lost its own (None: no resume)."""
         self._plan = plan
         self._link = link
         self._make_drafter = make_drafter
         self._stop = stop
         self._budget = budget
+        self._reconnect = reconnect
+        self._resume = resume
         self.stats = SessionStats(prompt_tokens=len(plan.prompt))
 
     def run(self, received_at: float | None = None) -> Iterator[CommittedEvent | FinishedEvent]:
@@ -102,7 +118,10 @@ class SpeculativeSession:
         plan, stats = self._plan, self.stats
         self._link.open(plan.session_id, plan.prompt, plan.params)
         drafter, draft_prefill = self._start_drafter() if plan.draft_prefill_first else (None, None)
-        prefill = self._link.wait_prefill()
+        try:
+            prefill = self._link.wait_prefill()
+        except VerifierLost as lost:
+            prefill = self._reopen(plan.prompt, lost)
         stats.verify_compute_s += prefill.compute_s
         first = stats.first_token
         first.verifier_queue_s, first.prefill_s = prefill.queue_s, prefill.compute_s
@@ -132,7 +151,12 @@ class SpeculativeSession:
             ahead_from = drafter.compute_s if drafter else 0.0
             if drafter is not None and plan.overlap and budget > 0:  # budget 0: not speculating now
                 self._draft_ahead(drafter, len(tree) + 1 + budget)
-            verdict = self._link.wait_verdict()
+            try:
+                verdict = self._link.wait_verdict()
+            except VerifierLost as lost:
+                yield self._resumed_round(committed, tree, drafter, draft_before, lost)
+                round_number = 0  # the new verifier session counts its rounds from 1
+                continue
             timings = RoundTimings(
                 draft_compute_s=(drafter.compute_s - draft_before[0]) if drafter else 0.0,
                 verify_compute_s=verdict.compute_s,
@@ -153,6 +177,49 @@ class SpeculativeSession:
         stats.new_tokens = len(self._stop.token_ids)
         self._link.close(cancel=False)  # the verifier frees the session now, and ends the stream with OK
         yield FinishedEvent(self._stop.finish_reason, self._stop.text, stats)
+
+    def _reopen(self, tokens: tuple[int, ...], lost: VerifierLost) -> PrefillReply:
+        """After losing the verifier: new verifier sessions on ``tokens`` through ``reconnect`` while the
+        resume policy lasts (then the loss is the caller's error); the first to answer gives its first token."""
+        policy, lost_at = self._resume, time.perf_counter()
+        for attempt in range(1, policy.attempts + 1):
+            left_s = policy.within_s - (time.perf_counter() - lost_at)
+            if self._reconnect is None or left_s <= 0:
+                break
+            pause_s = policy.pause_s(attempt, left_s)
+            log.warning("session %s: %s; a new verifier session on %d tokens in %.1f s (attempt %d of %d)",
+                        self._plan.session_id, lost, len(tokens), pause_s, attempt, policy.attempts)
+            self._link.close()
+            time.sleep(pause_s)
+            self._link = self._reconnect()
+            try:
+                self._link.open(self._plan.session_id, tokens, self._plan.params)
+                prefill = self._link.wait_prefill()
+            except VerifierLost as again:
+                lost = again
+                continue
+            self.stats.verifier_resumes += 1
+            return prefill
+        raise lost
+
+    def _resumed_round(self, committed: list[int], tree: TokenTree, drafter: TreeDrafter | None,
+                       draft_before: tuple[float, int], lost: VerifierLost) -> CommittedEvent:
+        """The round whose verdict was lost: a new verifier session on everything committed gives the
+        target's next token (as a verdict accepting none of the proposal would)."""
+        sent_at = time.perf_counter()
+        prefill = self._reopen(tuple(committed), lost)
+        timings = RoundTimings(
+            draft_compute_s=(drafter.compute_s - draft_before[0]) if drafter else 0.0,
+            verify_compute_s=prefill.compute_s,
+            verify_round_trip_s=time.perf_counter() - sent_at,
+            proposal_size=len(tree),
+            accepted_size=0,
+            draft_tokens=(drafter.tokens_drafted - draft_before[1]) if drafter else 0,
+            proposal_depth=max(tree.depths(), default=0),
+            verify_queue_s=prefill.queue_s,
+        )
+        self._account(timings)
+        return self._commit(committed, [prefill.first_token], timings)
 
     def _start_drafter(self) -> tuple[TreeDrafter | None, _DraftPrefill | None]:
         if self._budget() == 0:

@@ -23,6 +23,11 @@ from protos import duo_pb2_grpc
 _CLOSE = object()
 
 
+class VerifierLost(Unavailable):
+    """The session's verifier went away (connection lost, stream ended without an answer, or silence past the
+    timeout): the session may carry on with a new verifier session (``SpeculativeSession``)."""
+
+
 @dataclass(frozen=True)
 class VerdictReply:
     round: int
@@ -119,9 +124,11 @@ class GrpcVerifierLink:
         try:
             item = self._inbox.get(timeout=self._timeout_s)
         except queue.Empty:
-            raise Unavailable(f"the verify service sent nothing for {self._timeout_s:.0f} s") from None
+            raise VerifierLost(f"the verify service sent nothing for {self._timeout_s:.0f} s") from None
         if isinstance(item, grpc.RpcError):
+            if item.code() == grpc.StatusCode.UNAVAILABLE:
+                raise VerifierLost(f"verify service: UNAVAILABLE: {item.details()}") from item
             raise item
         if item is None:
-            raise Unavailable("the verify service closed the session stream")
+            raise VerifierLost("the verify service closed the session stream")
         return item

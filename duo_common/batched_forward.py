@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from duo_common import lean_llama
+from duo_common.kv_cache import cache_argument
 from duo_common.tree_attention import attention_inputs
 
 
@@ -63,5 +64,5 @@ def _forward_alone(model: torch.nn.Module, sequence: NewTokens) -> torch.Tensor:
     kept = max(sequence.kept_logits, 1)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:  # models that can skip the others
         kwargs["logits_to_keep"] = kept
-    logits = model(input_ids=input_ids, past_key_values=sequence.cache, use_cache=True, **kwargs).logits[0]
+    logits = model(input_ids=input_ids, use_cache=True, **cache_argument(model, sequence.cache), **kwargs).logits[0]
     return logits[len(logits) - sequence.kept_logits:].float().cpu()

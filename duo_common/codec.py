@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from duo_common.errors import InvalidArgument
-from duo_common.events import (CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent, RoundTimings,
-                               SessionStats)
+from duo_common.events import (BudgetSource, CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent,
+                               RoundTimings, SessionStats)
+from duo_common.generation_spec import (ChatMessage, ChatPrompt, ChatRole, GenerationSpec, Prompt,
+                                        RequestedBudget, TextPrompt, TokenIdsPrompt)
 from duo_common.models import ModelInfo
 from duo_common.params import DecodingParams, StoppingParams
 from duo_common.stopping import FinishReason
@@ -26,6 +28,13 @@ _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
 }
 _FINISH_FROM_PB = {value: key for key, value in _FINISH_TO_PB.items()}
+_BUDGET_SOURCE_TO_PB = {
+    None: pb.BUDGET_SOURCE_UNSPECIFIED,
+    BudgetSource.REQUEST: pb.BUDGET_SOURCE_REQUEST,
+    BudgetSource.CLIENT: pb.BUDGET_SOURCE_CLIENT,
+    BudgetSource.SERVICE: pb.BUDGET_SOURCE_SERVICE,
+}
+_BUDGET_SOURCE_FROM_PB = {value: key for key, value in _BUDGET_SOURCE_TO_PB.items()}
 
 
 def decoding_from_pb(message: pb.DecodingParams) -> DecodingParams:
@@ -156,6 +165,47 @@ def request_id_from_pb(value: str) -> str | None:
     return value
 
 
+def generation_spec_from_pb(message: pb.GenerateRequest) -> GenerationSpec:
+    """A GenerateRequest as the draft service's sessions take it; the service checks the prompt against its
+    limits and the target's vocabulary."""
+    budget = None
+    if message.HasField("budget"):
+        budget = RequestedBudget(message.budget.max_draft_tokens, message.budget.max_branches)
+    return GenerationSpec(
+        prompt=_prompt_from_pb(message),
+        decoding=decoding_from_pb(message.decoding),
+        stopping=stopping_from_pb(message.stopping),
+        budget=budget,
+        request_id=request_id_from_pb(message.request_id),
+        sequential=message.sequential,
+        continue_after=tuple(message.continuation.delivered_token_ids),
+    )
+
+
+def _prompt_from_pb(message: pb.GenerateRequest) -> Prompt:
+    kind = message.WhichOneof("prompt")
+    chat = message.apply_chat_template if message.HasField("apply_chat_template") else None
+    if kind == "text":
+        return TextPrompt(message.text, chat)
+    if kind == "token_ids":
+        return TokenIdsPrompt(tuple(message.token_ids.ids))
+    if kind == "messages":
+        if chat is False:
+            raise InvalidArgument("chat messages always go through the chat template: do not set "
+                                  "apply_chat_template to false (send text or token ids instead)")
+        return ChatPrompt(chat_from_pb(message.messages))
+    raise InvalidArgument("the prompt is missing: set text, token_ids or messages")
+
+
+def chat_from_pb(message: pb.ChatMessages) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(ChatRole.parse(item.role, f"message {index}"), item.content)
+                 for index, item in enumerate(message.messages))
+
+
+def chat_to_pb(messages: tuple[ChatMessage, ...]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=item.role.value, content=item.content) for item in messages])
+
+
 def token_ids_from_pb(ids, vocab_size: int, what: str) -> tuple[int, ...]:
     """Validate ids from the wire: every id within [0, vocab_size)."""
     ids = tuple(int(i) for i in ids)
@@ -173,6 +223,7 @@ def event_to_pb(event: GenerationEvent) -> pb.GenerateEvent:
         return pb.GenerateEvent(committed=message)
     stats = asdict(event.stats)
     stats["first_token"] = pb.FirstTokenTimes(**stats["first_token"])
+    stats["draft_budget_source"] = _BUDGET_SOURCE_TO_PB[event.stats.draft_budget_source]
     return pb.GenerateEvent(finished=pb.Finished(
         reason=finish_reason_to_pb(event.reason), text=event.text, stats=pb.GenerationStats(**stats)))
 
@@ -191,6 +242,7 @@ def event_from_pb(message: pb.GenerateEvent) -> GenerationEvent | None:
         stats = SessionStats(**{name: getattr(finished.stats, name) for name in _fields(SessionStats)})
         stats.first_token = FirstTokenTimes(**{name: getattr(finished.stats.first_token, name)
                                                for name in _fields(FirstTokenTimes)})
+        stats.draft_budget_source = _BUDGET_SOURCE_FROM_PB.get(finished.stats.draft_budget_source)  # newer: None
         return FinishedEvent(finish_reason_from_pb(finished.reason), finished.text, stats)
     return None
 

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from duo_common.errors import StartupError
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -29,7 +31,7 @@ _CONVERTED_DIR_NAME = "smollm2-135m-instruct-q4_1-f32"
 _SHIPPED_DRAFT_DIR = Path(__file__).resolve().parent.parent / "draft_service" / "default_model"
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(StartupError):
     """A model name that cannot be resolved on this machine."""
 
 
@@ -53,6 +55,22 @@ def resolve_model(name: str) -> str:
     raise ModelNotAvailableError(
         f"unknown builtin model {name!r}; known: {DEFAULT_TARGET}, {DEFAULT_DRAFT}"
     )
+
+
+def check_local_model(name: str) -> None:
+    """Refuse, before anything loads, a name that means a local folder (an absolute or ``./`` path, or any
+    path that exists) when that folder does not exist or holds no model; hub ids and builtin names pass."""
+    if name.startswith(BUILTIN_PREFIX):
+        return
+    path = Path(name)
+    if not path.exists():
+        if path.is_absolute() or name.startswith("."):
+            raise ModelNotAvailableError(f"model folder {name} does not exist: give the path of a folder holding "
+                                         "a Hugging Face model, a hub id or a builtin: name")
+        return
+    if not (path / "config.json").is_file():
+        raise ModelNotAvailableError(f"{name} is not a model folder (no config.json in it): give the path of a "
+                                     "folder holding a Hugging Face model")
 
 
 def default_draft_dir() -> Path:

@@ -1,7 +1,8 @@
-"""Domain errors, each naming the gRPC status it maps to at the service boundary.
+"""Domain errors, each naming the gRPC status it maps to at the service boundary, and the one error of
+start-up.
 
 Code beneath the servicers raises these; `duo_common.rpc` turns them into gRPC statuses, so nothing
-below the boundary imports grpc.
+below the boundary imports grpc. `StartupError` never reaches a caller: the service's CLI prints it.
 """
 
 
@@ -35,3 +36,17 @@ class Cancelled(DuoError):
     """The caller went away before its work ran."""
 
     status = "CANCELLED"
+
+
+class UpstreamError(DuoError):
+    """A call this service made to another one failed (the draft service's to its verifier): that status,
+    passed on to this service's caller with a message that says where it came from."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class StartupError(RuntimeError):
+    """A service cannot start (a model that cannot be loaded, a port already taken). The message is one line
+    naming the problem and its fix: the service CLI prints it alone, without a traceback."""

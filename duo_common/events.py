@@ -3,6 +3,7 @@ the finish with statistics. The draft service produces them; the client reads th
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from duo_common.stopping import FinishReason
@@ -28,6 +29,14 @@ class CommittedEvent:
     token_ids: tuple[int, ...]
     text_delta: str
     timings: RoundTimings | None  # None for the first token (prefill)
+
+
+class BudgetSource(str, enum.Enum):
+    """Who chose a session's draft budgets."""
+
+    REQUEST = "request"  # the request's budget, unchanged
+    CLIENT = "client"  # the client changed it between rounds
+    SERVICE = "service"  # the draft service's latency-aware controller (the request set none)
 
 
 @dataclass
@@ -56,6 +65,18 @@ class SessionStats:
     verify_round_trip_s: float = 0.0
     final_draft_budget: int = 0
     first_token: FirstTokenTimes = field(default_factory=FirstTokenTimes)
+    draft_budget_source: BudgetSource | None = None  # None: not said (an older draft service)
+    verifier_resumes: int = 0  # verifier sessions reopened after losing the verifier mid-generation
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens committed per verification round (the first token comes from the prefill)."""
+        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Of the draft tokens proposed, the share the target accepted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,14 @@ paid by every verification round and every drafted token. ``GrowableLayer`` keep
 values in a buffer with spare room and exposes the filled part as a view, so ``crop`` (a slice) and
 ``update`` (a write into the spare room) move nothing. Anything that replaces ``keys`` by another tensor
 (index_select, reorder) is picked up by the next ``update``, which moves it into a new buffer.
+
+``cache_argument`` passes a cache to a model under the keyword its transformers version takes.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -76,6 +81,17 @@ class GrowableLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self._key_buffer = self._value_buffer = None
+
+
+def cache_argument(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """``cache`` as the keyword argument ``model``'s forward takes it: ``cache=`` from transformers 5.24 on (where
+    ``past_key_values=`` is deprecated and logs a warning), ``past_key_values=`` before (which ignore ``cache=``)."""
+    return {"cache" if _forward_takes_cache(type(model)) else "past_key_values": cache}
+
+
+@functools.cache
+def _forward_takes_cache(model_class: type) -> bool:
+    return "cache" in inspect.signature(model_class.forward).parameters
 
 
 def new_cache(config) -> DynamicCache:

@@ -27,6 +27,10 @@ from duo_common import decoder_ops
 from duo_common.kv_cache import GrowableLayer, new_cache
 from duo_common.packed_linear import PackedLinear
 
+# The output's field for the cache: ``cache`` from transformers 5.24 on (``past_key_values`` there is deprecated
+# and logs a warning), ``past_key_values`` before.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 def _fused(linears: list[nn.Linear]) -> PackedLinear:
     """One packed layer computing the outputs of ``linears`` side by side."""
@@ -124,7 +128,7 @@ def _lean_forward(model, input_ids: torch.Tensor, past_key_values=None, cache=No
                                           attention_mask, logits_to_keep)[None]
     else:
         hidden = _layers_with_torch(model, hidden, cos, sin, cache, attention_mask, logits_to_keep)
-    return CausalLMOutputWithPast(logits=model.lm_head(hidden), past_key_values=cache)
+    return CausalLMOutputWithPast(logits=model.lm_head(hidden), **{_OUTPUT_CACHE_FIELD: cache})
 
 
 def _decoder_ops_apply(model, batch: int, attention_mask: torch.Tensor | None) -> bool:

@@ -6,12 +6,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from duo_common.cpu_runtime import CpuRuntime, apply_cpu_runtime
-from duo_common.default_models import ModelNotAvailableError, resolve_model
+from duo_common.default_models import ModelNotAvailableError, check_local_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +61,15 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_ker
     for ``cpu_kernels`` (``duo_common.cpu_runtime``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_model(name)
     path = resolve_model(name)
-    local = Path(path)
-    if (local.is_absolute() or path.startswith(".")) and not (local / "config.json").exists():
-        raise ModelNotAvailableError(f"model folder {path} has no config.json")
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(f"cannot load causal LM {name!r} from {path}: {exc}") from exc
+        raise ModelNotAvailableError(load_failure(name, exc)) from exc
     model.to(torch_device).eval()
     info = ModelInfo(
         model_name=name,
@@ -87,6 +84,20 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_ker
     log.info("loaded %s on %s (%s, %s): vocab %d, context %d", name, info.device, info.dtype, runtime.describe(),
              info.vocab_size, info.max_context_tokens)
     return LoadedModel(model, tokenizer, info, runtime)
+
+
+def load_failure(name: str, exc: BaseException) -> str:
+    """Why ``name`` did not load, in one line that says what to do."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, LocalEntryNotFoundError):
+            return (f"{name} is not a local folder, and the Hugging Face hub cannot be reached to download it: "
+                    "give the path of a local model folder (or connect to the internet)")
+        cause = cause.__cause__ or cause.__context__
+    lines = str(exc).strip().splitlines()
+    return f"cannot load {name!r} as a causal language model: {lines[0] if lines else type(exc).__name__}"
 
 
 def output_vocab_size(model: torch.nn.Module) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from concurrent import futures
@@ -15,7 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from duo_common.errors import DuoError
+from duo_common import keepalive
+from duo_common.errors import DuoError, StartupError
 from duo_common.interceptors import BearerTokenInterceptor, ErrorCountingInterceptor
 from duo_common.metrics import ServiceMetrics
 from duo_common.security import ServerTls
@@ -24,6 +27,10 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+
+# gRPC servers set SO_REUSEPORT by default: a second service started on a taken port would share it, and
+# calls would reach either. Off, a taken port is refused.
+NO_PORT_SHARING = ("grpc.so_reuseport", 0)
 
 MAX_DETAILS_CHARS = 1000  # a status travels in the trailers, whose size gRPC limits (8 KiB by default)
 
@@ -88,6 +95,46 @@ class ServerOptions:
     connection_age_grace_s: float = 3600.0
 
 
+class PortUnavailable(StartupError):
+    """The address to listen on cannot be bound (its port is taken)."""
+
+
+def _listen(add_port: Callable[[str], int], address: str, flag: str) -> int:
+    """``add_port(address)``, refusing a taken port in one line; checked first with a plain socket, since
+    gRPC's own refusal also prints a C-core log on stderr."""
+    host, port = address.rsplit(":", 1)
+    taken = PortUnavailable(f"cannot listen on {address}: port {port} is in use (another duo service?): stop "
+                            f"that process, or choose another port with {flag} (0 picks a free one)")
+    if _port_taken(host, int(port)):
+        raise taken
+    try:
+        bound = add_port(address)
+    except RuntimeError as exc:  # a race with another process, or an address this machine does not have
+        raise PortUnavailable(f"cannot listen on {address}: {exc}") from exc
+    if bound == 0:
+        raise taken
+    return bound
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (any port is free for port 0)."""
+    if port == 0:
+        return False
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # gRPC names an address it cannot resolve itself
+    for family, kind, protocol, _, socket_address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener refuses it, TIME_WAIT not
+            try:
+                probe.bind(socket_address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 class ServiceServer:
     """A gRPC server with health (NOT_SERVING until ``mark_serving``), reflection, optional TLS, bearer
     token and metrics, and a graceful stop."""
@@ -101,8 +148,10 @@ class ServiceServer:
         if options.auth_token:
             interceptors.append(BearerTokenInterceptor(options.auth_token))
         channel_options = [
+            NO_PORT_SHARING,
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
+            *keepalive.SERVER_OPTIONS,
         ]
         if options.max_connection_age_s:
             channel_options += [
@@ -117,7 +166,7 @@ class ServiceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._health_server = None
         if options.health_port is not None:
-            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[NO_PORT_SHARING])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self._service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -127,18 +176,18 @@ class ServiceServer:
         self._stopped = threading.Event()
 
     def bind(self, address: str) -> int:
-        """Listen on ``address`` (TLS when configured); returns the bound port."""
-        if self.options.tls is not None:
-            port = self.server.add_secure_port(address, self.options.tls.credentials())
-        else:
-            port = self.server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot bind {address}")
+        """Listen on ``address`` (TLS when configured); returns the bound port. A port something else listens on
+        is refused with PortUnavailable."""
+        port = _listen(self._add_port, address, "--port")
         if self._health_server is not None:
             host = address.rsplit(":", 1)[0]
-            if self._health_server.add_insecure_port(f"{host}:{self.options.health_port}") == 0:
-                raise OSError(f"cannot bind the health port {self.options.health_port}")
+            _listen(self._health_server.add_insecure_port, f"{host}:{self.options.health_port}", "--health-port")
         return port
+
+    def _add_port(self, address: str) -> int:
+        if self.options.tls is not None:
+            return self.server.add_secure_port(address, self.options.tls.credentials())
+        return self.server.add_insecure_port(address)
 
     def start(self) -> None:
         self.server.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from duo_common import keepalive
 from duo_common.errors import InvalidArgument
 
 
@@ -73,7 +74,8 @@ class ChannelSecurity:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def channel(self, address: str, options: list[tuple] | None = None) -> grpc.Channel:
-        options = list(options or [])
+        """A channel to ``address`` with these credentials, keepalive (``duo_common.keepalive``) and ``options``."""
+        options = [*keepalive.CLIENT_OPTIONS, *(options or [])]
         if not self.uses_tls:
             return grpc.insecure_channel(address, options=options)
         credentials = grpc.ssl_channel_credentials(

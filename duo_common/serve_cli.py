@@ -9,14 +9,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from duo_common.errors import InvalidArgument
+from duo_common.budget import parse_budget
+from duo_common.errors import InvalidArgument, StartupError
 from duo_common.metrics import ServiceMetrics
-from duo_common.rpc import ServerOptions, ServiceServer
+from duo_common.rpc import PortUnavailable, ServerOptions, ServiceServer
 from duo_common.security import ServerTls, read_token
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -38,9 +42,19 @@ class ServeSettings:
     server: ServerOptions
     max_batch_tokens: int = 256  # forward passes shared by sessions (duo_common.pass_scheduler)
     max_batch_sessions: int = 64
+    parent_pid: int | None = None  # stop when this parent process is gone (embedded mode's children)
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def budget_option(ctx, param, value: str) -> int | None:
+    """A click callback for a draft-budget flag: ``auto`` → None (the latency-aware controller), else a number
+    of draft tokens (``duo_common.budget.parse_budget``)."""
+    try:
+        return parse_budget(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def common_serve_options(env_prefix: str):
@@ -80,13 +94,16 @@ def common_serve_options(env_prefix: str):
                help="Tokens one forward pass takes at most, over all sessions (a larger piece of work runs alone)."),
         option("--max-batch-sessions", type=click.IntRange(1, 4096), default=64,
                help="Sessions one forward pass serves at most (1: each pass serves one session)."),
+        option("--parent-pid", type=click.IntRange(1), default=None,
+               help="Stop (as on SIGTERM) when this service's parent process, PID, exits: a client that starts "
+                    "the service as its child never leaves it behind, even when killed."),
     ]
 
     def decorate(command):
         @functools.wraps(command)
         def wrapper(host, port, threads, max_sessions, idle_timeout_s, grace_s, port_file, log_level, metrics_port,
                     health_port, tls_cert, tls_key, tls_ca, auth_token_file, max_message_mb, max_connection_age_s,
-                    max_batch_tokens, max_batch_sessions, **rest):
+                    max_batch_tokens, max_batch_sessions, parent_pid, **rest):
             if (tls_cert is None) != (tls_key is None):
                 raise click.UsageError("--tls-cert and --tls-key go together")
             if tls_ca is not None and tls_cert is None:
@@ -106,8 +123,11 @@ def common_serve_options(env_prefix: str):
                 connection_age_grace_s=max(grace_s, 3600.0),
             )
             settings = ServeSettings(host, port, threads, grace_s, port_file, log_level, metrics_port, server,
-                                     max_batch_tokens, max_batch_sessions)
-            return command(settings=settings, **rest)
+                                     max_batch_tokens, max_batch_sessions, parent_pid)
+            try:
+                return command(settings=settings, **rest)
+            except StartupError as exc:  # one line naming the problem and the fix, no traceback
+                raise click.ClickException(str(exc)) from exc
 
         return functools.reduce(lambda cmd, opt: opt(cmd), reversed(options), wrapper)
 
@@ -116,10 +136,25 @@ def common_serve_options(env_prefix: str):
 
 def setup_process(settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    if settings.parent_pid is not None:
+        stop_with_parent(settings.parent_pid)
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
+
+
+def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Send this process SIGTERM once ``parent_pid`` is no longer its parent: a parent killed outright (SIGKILL)
+    stops nothing itself, and its orphans are handed to another parent. Before serving, SIGTERM ends the
+    process at once; while serving, it drains as usual."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        logging.getLogger(__name__).info("parent process %d is gone: stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def start_server(settings: ServeSettings, service_name: str, add_servicer, servicer, metrics: ServiceMetrics,
@@ -132,7 +167,11 @@ def start_server(settings: ServeSettings, service_name: str, add_servicer, servi
     announce_port(settings.port_file, bound)  # readiness is health's job; the port is known now
     log = logging.getLogger(__name__)
     if settings.metrics_port is not None:
-        metrics.serve(settings.metrics_port, settings.host)
+        try:
+            metrics.serve(settings.metrics_port, settings.host)
+        except OSError as exc:
+            raise PortUnavailable(f"cannot serve metrics on port {settings.metrics_port}: {exc.strerror}: choose "
+                                  "another --metrics-port") from exc
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     log.info("%s listening on %s:%d%s; loading %s", service_name, settings.host, bound,
              " (TLS)" if settings.server.tls else "", model)

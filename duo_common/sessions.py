@@ -3,8 +3,9 @@
 Every stream is registered before its first message is read, for its whole life, and always released, also
 on cancellation: so streams that open and send nothing count against the limit instead of quietly holding
 the server's worker threads (which health checks and model-info calls need too). A session whose peer
-leaves the service waiting for longer than ``idle_timeout_s`` (no opening, no next proposal) is cancelled,
-which frees its thread and, on the verifier, its KV cache.
+leaves the service waiting for longer than ``idle_timeout_s`` (no opening, no next proposal, or its
+responses not taken: a caller that stops reading blocks the stream's sends once the transport's window is
+full) is cancelled, which frees its thread and, on the verifier, its KV cache.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ class Lease:
             if message is _END:
                 return
             yield message
+
+    def delivered(self, responses: Iterator) -> Iterator:
+        """``responses``, each handed to the transport with the wait for the peer to take it watched: gRPC
+        resumes a streaming handler only once its last message is sent, which a peer that stopped reading
+        holds up for good."""
+        try:
+            for response in responses:
+                self.waiting_since = time.monotonic()
+                try:
+                    yield response
+                finally:
+                    self.waiting_since = None
+        finally:
+            close = getattr(responses, "close", None)
+            if close is not None:  # a generator's cleanup runs now, not whenever it is collected
+                close()
 
     def reap(self) -> None:
         self.reaped = True
@@ -93,7 +110,8 @@ class SessionRegistry:
                     and now - lease.waiting_since > self.idle_timeout_s]
             self.total_reaped += len(idle)
         for lease in idle:
-            log.warning("session %s: nothing received for %.0f s, closing it", lease.name, self.idle_timeout_s)
+            log.warning("session %s: its peer kept it waiting for %.0f s (sent nothing, or took nothing); closing it",
+                        lease.name, self.idle_timeout_s)
             lease.reap()
         return idle
 

@@ -1,10 +1,10 @@
 """Exact stopping and incremental text for one generation.
 
 Committed tokens are fed in one at a time; the first of max_new_tokens, an EOS token (kept, as HF
-``generate`` keeps it) or a stop string (the tokens up to the one that completes it are kept; the text is
-cut before it) ends the generation, and nothing past that point is ever returned. Text deltas hold back
-whatever could still become a stop string or is an incomplete UTF-8 character, so streamed text never
-has to be taken back.
+``generate`` keeps it) or a stop string (the tokens up to the one that completes it are committed; the text
+is cut before it, and the generation's ``token_ids`` to the tokens of that text) ends the generation, and
+nothing past that point is ever returned. Text deltas hold back whatever could still become a stop string
+or is an incomplete UTF-8 character, so streamed text never has to be taken back.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class CommitResult:
-    token_ids: tuple[int, ...]  # the tokens kept from those offered
+    token_ids: tuple[int, ...]  # the tokens committed from those offered (a stop string's own included)
     text_delta: str
     finish_reason: FinishReason | None
 
@@ -37,7 +37,7 @@ class StopChecker:
         self._eos = frozenset() if params.ignore_eos else eos_token_ids
         self._decode = decode
         self._holdback = max((len(stop) for stop in params.stop_strings), default=1) - 1
-        self.token_ids: list[int] = []
+        self.token_ids: list[int] = []  # the generation's tokens: at a stop string, those of the text before it
         self.text = ""
         self._emitted_chars = 0
         self.finish_reason: FinishReason | None = None
@@ -64,12 +64,19 @@ class StopChecker:
         found = [index for index in (self.text.find(stop) for stop in self._params.stop_strings) if index != -1]
         if found:
             self.text = self.text[: min(found)]
+            self._cut_tokens_to_text()
             return FinishReason.STOP
         if token in self._eos:
             return FinishReason.EOS
         if len(self.token_ids) >= self._params.max_new_tokens:
             return FinishReason.LENGTH
         return None
+
+    def _cut_tokens_to_text(self) -> None:
+        """Drop the stop string's tokens: keep the longest run of tokens whose decoding the text starts with
+        (all of the text, unless the stop string begins inside a token)."""
+        while self.token_ids and not self.text.startswith(self._decode(self.token_ids)):
+            self.token_ids.pop()
 
     def end(self, reason: FinishReason) -> str:
         """End the generation for a reason found outside (e.g. the context is full); returns the held-back text."""

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from duo_common.kv_cache import new_cache
+from duo_common.kv_cache import cache_argument, new_cache
 from duo_common.models import output_vocab_size
 from duo_common.tree import TokenTree
 
@@ -61,10 +61,10 @@ def tree_logits(model: torch.nn.Module, prefix: list[int], tree: TokenTree) -> t
     device = next(model.parameters()).device
     cache = new_cache(model.config)
     if len(prefix) > 1:
-        model(input_ids=torch.tensor([prefix[:-1]], device=device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True, **cache_argument(model, cache))
     kwargs = tree_attention_inputs(tree, len(prefix) - 1, model.dtype, device)
     input_ids = torch.tensor([[prefix[-1], *tree.token_ids]], device=device)
-    return model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs).logits[0].float().cpu()
+    return model(input_ids=input_ids, use_cache=True, **cache_argument(model, cache), **kwargs).logits[0].float().cpu()
 
 
 @torch.inference_mode()

@@ -13,10 +13,21 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
+
+class BudgetSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUDGET_SOURCE_UNSPECIFIED: _ClassVar[BudgetSource]
+    BUDGET_SOURCE_REQUEST: _ClassVar[BudgetSource]
+    BUDGET_SOURCE_CLIENT: _ClassVar[BudgetSource]
+    BUDGET_SOURCE_SERVICE: _ClassVar[BudgetSource]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_STOP: FinishReason
+BUDGET_SOURCE_UNSPECIFIED: BudgetSource
+BUDGET_SOURCE_REQUEST: BudgetSource
+BUDGET_SOURCE_CLIENT: BudgetSource
+BUDGET_SOURCE_SERVICE: BudgetSource
 
 class DecodingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed")
@@ -181,30 +192,54 @@ class SessionRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., budget: _Optional[_Union[BudgetUpdate, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "apply_chat_template", "decoding", "stopping", "budget", "request_id", "sequential")
+    __slots__ = ("text", "token_ids", "messages", "apply_chat_template", "decoding", "stopping", "budget", "request_id", "sequential", "continuation")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENTIAL_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
+    messages: ChatMessages
     apply_chat_template: bool
     decoding: DecodingParams
     stopping: StoppingParams
     budget: DraftBudget
     request_id: str
     sequential: bool
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., request_id: _Optional[str] = ..., sequential: _Optional[bool] = ...) -> None: ...
+    continuation: Continuation
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., decoding: _Optional[_Union[DecodingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., budget: _Optional[_Union[DraftBudget, _Mapping]] = ..., request_id: _Optional[str] = ..., sequential: _Optional[bool] = ..., continuation: _Optional[_Union[Continuation, _Mapping]] = ...) -> None: ...
+
+class Continuation(_message.Message):
+    __slots__ = ("delivered_token_ids",)
+    DELIVERED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    delivered_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, delivered_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChatMessages(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class DraftBudget(_message.Message):
     __slots__ = ("max_draft_tokens", "max_branches")
@@ -261,7 +296,7 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., text: _Optional[str] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "ttft_s", "total_s", "rounds", "drafted_tokens", "accepted_tokens", "draft_compute_s", "verify_compute_s", "verify_round_trip_s", "final_draft_budget", "first_token")
+    __slots__ = ("prompt_tokens", "new_tokens", "ttft_s", "total_s", "rounds", "drafted_tokens", "accepted_tokens", "draft_compute_s", "verify_compute_s", "verify_round_trip_s", "final_draft_budget", "first_token", "draft_budget_source", "verifier_resumes")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_S_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +309,8 @@ class GenerationStats(_message.Message):
     VERIFY_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
     FINAL_DRAFT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_BUDGET_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_RESUMES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     ttft_s: float
@@ -286,7 +323,9 @@ class GenerationStats(_message.Message):
     verify_round_trip_s: float
     final_draft_budget: int
     first_token: FirstTokenTimes
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., final_draft_budget: _Optional[int] = ..., first_token: _Optional[_Union[FirstTokenTimes, _Mapping]] = ...) -> None: ...
+    draft_budget_source: BudgetSource
+    verifier_resumes: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., draft_compute_s: _Optional[float] = ..., verify_compute_s: _Optional[float] = ..., verify_round_trip_s: _Optional[float] = ..., final_draft_budget: _Optional[int] = ..., first_token: _Optional[_Union[FirstTokenTimes, _Mapping]] = ..., draft_budget_source: _Optional[_Union[BudgetSource, str]] = ..., verifier_resumes: _Optional[int] = ...) -> None: ...
 
 class FirstTokenTimes(_message.Message):
     __slots__ = ("tokenize_s", "model_info_s", "verifier_queue_s", "prefill_s", "verifier_link_s")

@@ -123,6 +123,9 @@ def test_cancelled_client_frees_both_services_sessions(tmp_path):
     ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=1, top_p=1.5)}, "top_p"),
     ({"text": "w1 w2", "budget": pb.DraftBudget(max_draft_tokens=10_000)}, "draft budget"),
     ({"text": "w1 w2", "apply_chat_template": True}, "tokenizer has none"),
+    ({"messages": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="w1")])}, "no chat template"),
+    ({"messages": pb.ChatMessages()}, "no messages"),
+    ({"messages": pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="w1")])}, "role 'robot'"),
     ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=1e-45)}, "greedy in all but name"),
     ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=1, top_p=float("nan"))}, "top_p"),
     ({"text": "w1 w2", "decoding": pb.DecodingParams(temperature=1, top_p=-0.5)}, "top_p"),
@@ -244,6 +247,21 @@ def test_an_idle_session_is_reaped_only_while_the_service_waits_for_its_peer():
         assert registry.reap_idle(now=111.0) == [waiting]
         assert registry.reap_idle(now=200.0) == []  # once
     assert cancelled == ["waiting"] and registry.total_reaped == 1
+
+
+def test_a_session_whose_peer_stops_taking_its_responses_is_reaped():
+    cancelled = []
+    registry = SessionRegistry(4, idle_timeout_s=10)
+    with registry.hold(lambda: cancelled.append("stalled")) as lease:
+        responses = lease.delivered(iter(["first", "second"]))
+        assert next(responses) == "first"  # handed to the transport, which has not taken it yet
+        assert lease.waiting_since is not None
+        assert registry.reap_idle(now=lease.waiting_since + 11) == [lease]
+        assert next(responses) == "second"  # taken: the next one is watched afresh
+        waiting_since = lease.waiting_since
+        assert registry.reap_idle(now=waiting_since + 5) == []
+        assert next(responses, None) is None and lease.waiting_since is None  # all taken: nothing watched
+    assert cancelled == ["stalled"]
 
 
 def test_silent_streams_count_as_sessions_are_reaped_and_never_starve_the_service(tmp_path):

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 
-from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
+from duo_common.budget import AdaptiveBudget, BudgetModel, ControllerConfig
 from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from draft_service.tree_drafter import TreeDrafter
 from duo_common import batched_forward

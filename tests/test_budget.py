@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from client.budget import AdaptiveBudget, BudgetModel, ControllerConfig
+from duo_common.budget import AdaptiveBudget, BudgetModel, ControllerConfig, SharedEstimates
 from duo_common.events import RoundTimings
 
 
@@ -205,3 +205,54 @@ def test_controller_measures_the_depth_of_the_trees_it_gets():
     for _ in range(10):
         controller.after_round(RoundTimings(0.02, 0.08, 0.08, 6, 2, 6, proposal_depth=4))
     assert controller.model().depth(6) == pytest.approx(4.0)
+
+
+def test_from_one_measured_size_cost_grows_with_the_tokens():
+    # After a session's first round (4 draft tokens, 5 tokens scored) nothing says how cost grows: assuming
+    # it does not made a 9-token proposal look free.
+    one_point = model(verify_points=((4, 0.050),))
+    assert one_point.verify_s(9) == pytest.approx(0.100)
+    assert one_point.verify_s(0) == pytest.approx(0.010)
+
+
+def test_controller_grows_one_size_past_the_largest_it_has_measured():
+    # Acceptance 1 and a free verifier: every budget up to the maximum would pay, but untried sizes are guesses.
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=2, max_budget=16, min_budget=1))
+    budgets = []
+    for _ in range(10):
+        budget = controller.budget
+        budgets.append(budget)
+        controller.after_round(RoundTimings(0.001 * budget, 0.050, 0.050, budget, budget, budget))
+    assert all(budget <= max(budgets[:i]) + 1 for i, budget in enumerate(budgets[1:], 1)), budgets
+    assert budgets[-1] >= 7, budgets  # yet it keeps growing
+
+
+def warm_rounds(controller: AdaptiveBudget, rounds: int, rng: random.Random) -> list[int]:
+    """Rounds of a draft accepted at 0.8 per token, drafting 5 ms a token, on a verifier costing 80 ms + 1 ms a
+    node; returns the budgets the controller chose."""
+    budgets = []
+    for _ in range(rounds):
+        budget = controller.budget
+        budgets.append(budget)
+        controller.after_round(synthetic_round(rng, budget, 0.8, 0.005, 0.080 + 0.001 * budget, 0.0))
+    return budgets
+
+
+def test_a_session_starts_from_what_earlier_sessions_on_the_verifier_learnt():
+    shared = SharedEstimates()
+    rng = random.Random(5)
+    first = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=16), shared)
+    warm_rounds(first, 60, rng)
+    learnt = first.model()
+    assert shared.recall() == learnt  # every round leaves its estimates
+
+    second = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=16), shared)
+    assert second.initial() == learnt.best_budget(16) > 4  # not the cold initial budget
+    assert second.model().verify_points == learnt.verify_points
+    budgets = warm_rounds(second, 4, rng)
+    assert budgets[0] == learnt.best_budget(16) and budgets[2] == 0  # it still measures the verifier alone once
+
+    cold = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=16), shared)
+    shared.forget()  # another verifier
+    assert AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=16), shared).initial() == 4
+    assert cold.initial() == learnt.best_budget(16)

@@ -1,5 +1,7 @@
-"""Faults: when the verify service goes away mid-generation, the caller gets UNAVAILABLE with a message
-that says so, the draft service frees the session and keeps serving once a verifier is back."""
+"""Faults: when the verify service goes away mid-generation, the draft service carries the generation on
+with a new verifier session once a verifier is back (the caller sees a delay, the same tokens); when none
+comes back in time, the caller gets UNAVAILABLE with a message that says so, the draft service frees the
+session and keeps serving once a verifier is back."""
 
 from concurrent import futures
 
@@ -7,18 +9,42 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_service.readiness import follow_verifier
+from draft_service.servicer import DrafterConfig
+from duo_common.resume import ResumePolicy
+from duo_common import codec
 from duo_common.rpc import ServiceServer
 
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.polling import eventually
-from tests.tiny_models import save_pair
+from tests.tiny_models import reference_greedy, save_pair
 
 
-def long_request():
+def long_request(max_new_tokens=1500):
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 9]), budget=pb.DraftBudget(max_draft_tokens=2),
-                              stopping=pb.StoppingParams(max_new_tokens=1500, ignore_eos=True))
+                              stopping=pb.StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+
+
+def test_a_generation_carries_on_exactly_when_its_verifier_restarts(tmp_path):
+    pair = save_pair(tmp_path, "llama", context=2048)
+    verify_cm = verify_server(pair.target_dir)
+    verify_addr, _ = verify_cm.__enter__()
+    with draft_server(pair.draft_dir, verify_addr) as (draft_addr, _), grpc.insecure_channel(draft_addr) as channel:
+        events = iter(duo_pb2_grpc.DrafterStub(channel).Generate(long_request(800), timeout=120))
+        tokens = []
+        for message in events:
+            tokens.extend(message.committed.token_ids)
+            if len(tokens) >= 20:
+                break
+        verify_cm.__exit__(None, None, None)  # the verifier goes away mid-session...
+        with verify_server(pair.target_dir, port=int(verify_addr.rsplit(":", 1)[1])):  # ...and a new one starts
+            for message in events:
+                tokens.extend(message.committed.token_ids)
+                finished = codec.event_from_pb(message)
+    assert finished.stats.verifier_resumes >= 1
+    assert finished.stats.new_tokens == len(tokens) == 800
+    assert tokens == reference_greedy(pair.target, [1, 5, 9], 800, eos_token_id=None)
 
 
 def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_path):
@@ -26,7 +52,8 @@ def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_
     verify_cm = verify_server(pair.target_dir)
     verify_addr, _ = verify_cm.__enter__()
     port = verify_addr.rsplit(":", 1)[1]
-    with draft_server(pair.draft_dir, verify_addr) as (draft_addr, draft_sessions):
+    brief = DrafterConfig(resume=ResumePolicy(attempts=2, first_pause_s=0.1))  # none comes back in time
+    with draft_server(pair.draft_dir, verify_addr, brief) as (draft_addr, draft_sessions):
         with grpc.insecure_channel(draft_addr) as channel:
             stub = duo_pb2_grpc.DrafterStub(channel)
             events = iter(stub.Generate(long_request(), timeout=60))

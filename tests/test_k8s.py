@@ -294,8 +294,24 @@ def test_drafters_have_a_clusterip_and_a_headless_service(overlay):
     assert cluster_ip[0]["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert [s["metadata"]["name"] for s in headless] == ["duo-draft-headless"]
     for svc in services:
-        (port,) = svc["spec"]["ports"]
-        assert port["name"] == "grpc" and port["targetPort"] in ("grpc", grpc_port)
+        grpc_ports = [port for port in svc["spec"]["ports"] if port["name"] == "grpc"]
+        assert len(grpc_ports) == 1 and grpc_ports[0]["targetPort"] in ("grpc", grpc_port)
+    assert [port["name"] for port in headless[0]["spec"]["ports"]] == ["grpc"]  # gRPC callers' round robin
+
+
+@overlay_param()
+def test_the_drafters_http_api_has_a_named_port_on_the_clusterip_service(overlay):
+    docs = render(overlay)
+    draft = deployment(docs, "draft")
+    container = main_container(draft)
+    http_port = ports_by_name(container)["http"]
+    assert int(container_env(docs, container)["DUO_DRAFT_HTTP_PORT"]) == http_port
+    (cluster_ip,) = [s for s in _services_selecting(docs, draft) if s["spec"].get("clusterIP") != "None"]
+    (port,) = [port for port in cluster_ip["spec"]["ports"] if port["name"] == "http"]
+    assert port["targetPort"] in ("http", http_port)
+    policy = one(docs, "NetworkPolicy", "duo-draft")
+    open_rules = [_rule_ports(rule, container) for rule in policy["spec"]["ingress"] if not rule.get("from")]
+    assert any(ports is None or http_port in ports for ports in open_rules), "anyone in the cluster may call it"
 
 
 @overlay_param()

@@ -47,6 +47,14 @@ def test_stop_string_across_tokens_cuts_text_and_tokens():
     assert result.finish_reason == FinishReason.STOP
     assert stop.text == "Hello, "
     assert first.text_delta + result.text_delta == "Hello, "
+    assert stop.token_ids == [1, 2]  # the generation's tokens are those of its text: " wor" and "ld" are the stop's
+
+
+def test_a_stop_string_starting_inside_a_token_drops_that_token_too():
+    stop = checker(max_new_tokens=10, stop_strings=("orld",))
+    stop.add([1, 2, 3, 4])
+    assert stop.text == "Hello, w"
+    assert stop.token_ids == [1, 2]  # decode: "Hello,", the part of the text its tokens make up
 
 
 def test_text_that_could_become_a_stop_string_is_held_back():
@@ -75,3 +83,4 @@ def test_earliest_of_several_stop_strings_wins():
     result = stop.add([1, 2, 3, 4, 5])
     assert result.token_ids == (1, 2, 3)
     assert stop.text == "Hello, "
+    assert stop.token_ids == [1, 2]

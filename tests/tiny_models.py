@@ -14,9 +14,15 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB_SIZE = 96
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
 DEFAULT_EOS = 2
+# A chat template in the tiny vocabulary: each message is its role's word, its content and an end-of-turn word.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ {'system': 'w89', 'user': 'w90', 'assistant': 'w91'}[message['role']] }} "
+    "{{ message['content'] }} w92 {% endfor %}{% if add_generation_prompt %}w91{% endif %}"
+)
 
 
-def word_tokenizer(vocab_size: int = VOCAB_SIZE, extra_word: str | None = None) -> PreTrainedTokenizerFast:
+def word_tokenizer(vocab_size: int = VOCAB_SIZE, extra_word: str | None = None,
+                   chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """Words w0, w1, ... after three special tokens; ``extra_word`` renames the last word (another tokenizer)."""
     vocab = dict(SPECIALS)
     for index in range(vocab_size - len(SPECIALS)):
@@ -27,7 +33,8 @@ def word_tokenizer(vocab_size: int = VOCAB_SIZE, extra_word: str | None = None) 
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   chat_template=chat_template)
 
 
 def build_model(arch: str, seed: int = 0, context: int = 256) -> torch.nn.Module:
@@ -69,14 +76,16 @@ class ModelPair:
 
 
 def save_pair(root: Path, target_arch: str, draft_arch: str | None = None, eos_token_id: int = DEFAULT_EOS,
-              draft_tokenizer: PreTrainedTokenizerFast | None = None, context: int = 256) -> ModelPair:
-    """Save a target and its perturbed draft (same architecture unless ``draft_arch``) with a tokenizer."""
+              draft_tokenizer: PreTrainedTokenizerFast | None = None, context: int = 256,
+              chat_template: str | None = None) -> ModelPair:
+    """Save a target and its perturbed draft (same architecture unless ``draft_arch``) with a tokenizer (with
+    ``chat_template``, e.g. CHAT_TEMPLATE; the tiny tokenizer has none by default)."""
     target = build_model(target_arch, context=context)
     if draft_arch is None or draft_arch == target_arch:
         draft = perturbed_copy(target, NOISE[target_arch])
     else:
         draft = build_model(draft_arch, seed=7, context=context)
-    tokenizer = word_tokenizer()
+    tokenizer = word_tokenizer(chat_template=chat_template)
     for model, name, tok in ((target, "target", tokenizer), (draft, "draft", draft_tokenizer or tokenizer)):
         model.generation_config.eos_token_id = eos_token_id
         model.generation_config.pad_token_id = 0

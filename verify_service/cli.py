@@ -22,6 +22,7 @@ log = logging.getLogger("duo.verify")
 
 
 @click.group()
+@click.version_option(package_name="duo", prog_name="duo-verify")
 def main() -> None:
     """duo verify service: the target model, verifying draft token trees."""
 

@@ -41,7 +41,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
     def Verify(self, request_iterator, context):
         scheduler = self._scheduler
         with self._sessions.hold(context.cancel) as lease:  # before the opening: a silent stream counts too
-            yield from self._verify(scheduler, lease, lease.messages(request_iterator), context)
+            yield from lease.delivered(self._verify(scheduler, lease, lease.messages(request_iterator), context))
 
     def _verify(self, scheduler: VerifyScheduler, lease: Lease, messages, context):
         opening = next(messages, None)

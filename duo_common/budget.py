@@ -48,6 +48,7 @@ a_1 is low and the later a_d are high. One pooled rate would make long proposals
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from duo_common.events import RoundTimings
@@ -118,16 +119,38 @@ class BudgetModel:
         return max(range(min_budget, max_budget + 1), key=lambda k: (self.tokens_per_s(k), -k))
 
 
+MAX_BUDGET_FLAG = 1024  # largest draft budget a command line takes (the verifier's tree limit applies too)
+
+
+def parse_budget(value: str) -> int | None:
+    """A command line's draft budget: ``auto`` → None (the latency-aware controller), else a number of draft
+    tokens in [0, MAX_BUDGET_FLAG]; ValueError otherwise."""
+    if value == "auto":
+        return None
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ValueError(f"expected a number of draft tokens or 'auto', got {value!r}") from None
+    if not 0 <= budget <= MAX_BUDGET_FLAG:
+        raise ValueError(f"draft budget must be in [0, {MAX_BUDGET_FLAG}], got {budget}")
+    return budget
+
+
 def _interpolated(points: tuple[tuple[int, float], ...], size: int) -> float:
     """The value at ``size`` of (size, value) points sorted by size: measured, else linearly inter- or
-    extrapolated from the nearest two (one point: its value); never negative."""
+    extrapolated from the nearest two; never negative.
+
+    From one point, the value scales with the tokens (size + 1): the first round's cost alone says nothing
+    of how cost grows, and assuming it does not grow made every larger proposal look free (a session's
+    second round then proposed the largest size allowed, 9 tokens for a pass that costs 3 times one)."""
     if not points:
         return 0.0
     for at, value in points:
         if at == size:
             return value
     if len(points) == 1:
-        return points[0][1]
+        at, value = points[0]
+        return value * (size + 1) / (at + 1)
     below = [p for p in points if p[0] < size]
     above = [p for p in points if p[0] > size]
     (x0, y0), (x1, y1) = (below[-1], above[0]) if below and above else (points[-2:] if below else points[:2])
@@ -135,8 +158,13 @@ def _interpolated(points: tuple[tuple[int, float], ...], size: int) -> float:
 
 
 class _Ewma:
-    def __init__(self, initial: float, weight: float):
-        self.value, self._weight, self.samples = initial, weight, 0
+    def __init__(self, initial: float, weight: float, samples: int = 0):
+        self.value, self._weight, self.samples = initial, weight, samples
+
+    @classmethod
+    def warm(cls, value: float, weight: float) -> "_Ewma":
+        """Starting from an earlier estimate: new samples move it at the steady weight, not all the way."""
+        return cls(value, weight, samples=round(1.0 / weight))
 
     def update(self, sample: float) -> None:
         # The first samples count fully, so the prior fades fast; then exponential forgetting.
@@ -157,8 +185,11 @@ class DepthAcceptance:
     Depths beyond ``max_depth`` share the last one's counts.
     """
 
-    def __init__(self, prior: float, max_depth: int, memory: float, shrinkage: float = 4.0):
+    def __init__(self, prior: float, max_depth: int, memory: float, shrinkage: float = 4.0,
+                 priors: tuple[float, ...] = ()):
         self.prior, self.shrinkage = prior, shrinkage
+        # per-depth priors (an earlier session's rates): depth d shrinks toward its own, not its neighbour's
+        self._priors = priors
         self._keep = 1.0 - 1.0 / memory  # each new trial at a depth discounts that depth's older ones
         self._successes = [0.0] * max_depth
         self._trials = [0.0] * max_depth
@@ -172,8 +203,9 @@ class DepthAcceptance:
 
     def rates(self) -> tuple[float, ...]:
         rates, shallower = [], self.prior
-        for successes, trials in zip(self._successes, self._trials):
-            shallower = (successes + self.shrinkage * shallower) / (trials + self.shrinkage)
+        for depth, (successes, trials) in enumerate(zip(self._successes, self._trials)):
+            toward = self._priors[min(depth, len(self._priors) - 1)] if self._priors else shallower
+            shallower = (successes + self.shrinkage * toward) / (trials + self.shrinkage)
             rates.append(shallower)
         return tuple(rates)
 
@@ -190,15 +222,44 @@ class ControllerConfig:
     max_branches: int = 1  # tree width sent with every budget (1: chains)
 
 
+class SharedEstimates:
+    """What the sessions on one verifier have learnt, for the next session to start from.
+
+    The costs (drafting, verifying each size, the link, how many sessions share a pass) belong to the
+    hardware and the load, not to a session; acceptance depends on the text but the last session's is a
+    better start than a fixed prior. A session that starts cold spends its first rounds on sizes it has no
+    cost for and on measuring the verifier alone: on the default pair on 2 cores, about a quarter of a
+    second per session. Thread-safe: the sessions of a service share one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._model: BudgetModel | None = None
+
+    def remember(self, model: BudgetModel | None) -> None:
+        with self._lock:
+            self._model = model
+
+    def recall(self) -> BudgetModel | None:
+        with self._lock:
+            return self._model
+
+    def forget(self) -> None:
+        """The verifier changed (a new connection may reach another replica or model): start cold."""
+        self.remember(None)
+
+
 class AdaptiveBudget:
     """A BudgetPolicy for the orchestrator: re-estimates after every round, adapts when latency changes.
 
     It explores a little: once early on it verifies one round without a proposal (to measure what the
     verifier costs alone), and while speculation is off it proposes again every ``probe_every`` rounds, so
-    its estimates of drafting and acceptance stay current."""
+    its estimates of drafting and acceptance stay current. Given ``shared`` estimates, it starts from what
+    earlier sessions measured (their best budget first, no exploration already done) and leaves its own
+    there after every round."""
 
-    def __init__(self, config: ControllerConfig = ControllerConfig()):
+    def __init__(self, config: ControllerConfig = ControllerConfig(), shared: SharedEstimates | None = None):
         self.config = config
+        self._shared = shared
         weight = config.smoothing
         self._draft_s_per_token = _Ewma(0.0, weight)
         self._network_s = _Ewma(0.0, weight)
@@ -213,6 +274,25 @@ class AdaptiveBudget:
         self._rounds = 0
         self._rounds_since_proposal = 0
         self.budget = config.initial_budget
+        earlier = shared.recall() if shared is not None else None
+        if earlier is not None:
+            self._start_from(earlier)
+
+    def _start_from(self, earlier: BudgetModel) -> None:
+        """Every estimate from ``earlier``; the verifier alone is still measured once, in case its cost moved
+        while the earlier sessions were speculating (it is the option every budget is weighed against)."""
+        config, weight = self.config, self.config.smoothing
+        self._draft_s_per_token = _Ewma.warm(earlier.draft_s_per_token, weight)
+        self._network_s = _Ewma.warm(earlier.network_s, weight)
+        self._acceptance = DepthAcceptance(config.prior_acceptance, config.max_budget + 1, config.acceptance_memory,
+                                           priors=earlier.acceptance)
+        self._verify_s = {size: _Ewma.warm(value, weight) for size, value in earlier.verify_points}
+        self._depth = {size: _Ewma.warm(value, weight) for size, value in earlier.depth_points}
+        self._delay = {size: _Ewma.warm(value, weight) for size, value in earlier.delay_points}
+        self._drafter_reports_ahead = bool(earlier.delay_points)
+        self._sharing = _Ewma.warm(earlier.sharing, weight)
+        self._largest_proposal = max([size for size, _ in earlier.depth_points] + [config.initial_budget])
+        self.budget = earlier.best_budget(config.max_budget, config.min_budget)
 
     @property
     def max_branches(self) -> int:
@@ -223,6 +303,8 @@ class AdaptiveBudget:
 
     def after_round(self, timings: RoundTimings) -> int | None:
         self._observe(timings)
+        if self._shared is not None:
+            self._shared.remember(self.model())
         if self._draft_s_per_token.samples == 0:
             return None
         best = self.model().best_budget(self.config.max_budget, self.config.min_budget)
@@ -232,9 +314,9 @@ class AdaptiveBudget:
             best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
         elif 0 < best < self.config.max_budget and self._rounds % self.config.probe_every == 0:
             best += 1  # now and then one depth deeper, so a pessimistic estimate there can recover
-        # Grow at most to twice the largest proposal measured, plus one: the cost of sizes never tried is a
-        # guess, and a verifier that batches makes a large one expensive (many sessions' large proposals).
-        self.budget = min(best, 2 * self._largest_proposal + 1)
+        # Grow one size past the largest proposal measured at a time: the cost of sizes never tried is
+        # extrapolated, and two noisy neighbouring sizes can make every larger size look nearly free.
+        self.budget = min(best, self._largest_proposal + 1)
         return self.budget
 
     def _observe(self, timings: RoundTimings) -> None:
