@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import random
 import signal
 import socket
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--target-model", default=DEFAULT_TARGET)
     parser.add_argument("--draft-model", default=DEFAULT_DRAFT)
     args = parser.parse_args()
+    logging.getLogger("client.orchestrator").setLevel(logging.ERROR)  # each resume attempt's warning: counted below
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="duo-chaos-") as work:
         pair = Pair(Path(work), args.target_model, args.draft_model)

@@ -71,14 +71,14 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
             contextlib.ExitStack() as stack:
         work = Path(workdir)
         deadline = time.monotonic() + config.start_timeout_s
-        verify = stack.enter_context(_child("verify", [
+        verify = stack.enter_context(_running("verify", [
             "verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
             "--device", config.verify_device, "--dtype", config.verify_dtype, "--cpu-kernels", config.cpu_kernels,
             *config.verify_options,
         ], work))
         verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
         shares_cores = config.verify_threads + config.draft_threads > usable_cores()
-        draft = stack.enter_context(_child("draft", [
+        draft = stack.enter_context(_running("draft", [
             "draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
             "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels, "--verify-addr", verify_addr,
             *(SHARED_CORES_DRAFT_OPTIONS if shares_cores else ()), *config.draft_options,
@@ -89,11 +89,26 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
         yield ServiceAddresses(draft=draft_addr, verify=verify_addr, pids=(verify.process.pid, draft.process.pid))
 
 
-class _Child:
+class ChildService:
+    """A duo service in a child process (``python -m MODULE serve ...``), logging to ``WORK/NAME.log``."""
+
     def __init__(self, name: str, process: subprocess.Popen, port_file: Path, log_file: Path):
         self.name, self.process, self.port_file, self.log_file = name, process, port_file, log_file
 
-    def wait_port(self, deadline: float, alongside: tuple[_Child, ...] = ()) -> int:
+    @classmethod
+    def start(cls, name: str, module_args: list[str], work: Path, port: int = 0, niceness: int = 0) -> ChildService:
+        """Start it on loopback ``port`` (0: a free one, see ``wait_port``); it stops once this process has gone."""
+        port_file = work / f"{name}.port"
+        log_file = work / f"{name}.log"
+        port_file.unlink(missing_ok=True)  # a restarted service writes it afresh
+        args = [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", str(port),
+                "--port-file", str(port_file), "--grace-s", "2", "--parent-pid", str(os.getpid())]
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
+        return cls(name, process, port_file, log_file)
+
+    def wait_port(self, deadline: float, alongside: tuple[ChildService, ...] = ()) -> int:
         """The port it listens on; meanwhile, a child ``alongside`` that fails fails the wait too."""
         while not self.port_file.exists():
             for child in (self, *alongside):
@@ -101,7 +116,7 @@ class _Child:
             time.sleep(0.05)
         return int(self.port_file.read_text())
 
-    def wait_healthy(self, address: str, deadline: float, alongside: tuple[_Child, ...] = ()) -> None:
+    def wait_healthy(self, address: str, deadline: float, alongside: tuple[ChildService, ...] = ()) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -121,6 +136,11 @@ class _Child:
         if time.monotonic() > deadline:
             raise ServiceStartError(f"the {self.name} service did not become ready in time: "
                                     f"{failure_line(self.log_file)}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it."""
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -144,15 +164,8 @@ def failure_line(log_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def _child(name: str, module_args: list[str], work: Path, niceness: int = 0) -> Iterator[_Child]:
-    port_file = work / f"{name}.port"
-    log_file = work / f"{name}.log"
-    args = [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--grace-s", "2", "--parent-pid", str(os.getpid())]
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
-    child = _Child(name, process, port_file, log_file)
+def _running(name: str, module_args: list[str], work: Path, niceness: int = 0) -> Iterator[ChildService]:
+    child = ChildService.start(name, module_args, work, niceness=niceness)
     try:
         yield child
     finally:

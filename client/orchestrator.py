@@ -162,7 +162,8 @@ class Orchestrator:
                 log.warning("lost the draft service (%s); continuing after %d tokens in %.1f s (attempt %d of %d)",
                             exc.details(), len(progress.token_ids), pause_s, attempt, self.resume.attempts)
                 time.sleep(pause_s)
-                progress.drafter_resumes += 1
+                if attempt == 1:
+                    progress.drafter_resumes += 1  # a loss, counted once however many attempts it takes
 
     def _attempt(self, request: GenerationRequest, policy: BudgetPolicy, on_text: Callable[[str], None],
                  progress: _Progress) -> GenerationResult:

@@ -134,9 +134,14 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
     serving.set(True)
     follow_verifier(channel, serving.set)
     log.info("serving; verifier at %s", verify_addr)
-    server.serve_until_signal(settings.grace_s)
-    if http is not None:
-        http.stop()  # after the gRPC server's drain: HTTP streams in flight had that time too
+
+    def stop_http() -> None:  # /health says 503 at once, and HTTP drains beside gRPC
+        serving.stop()
+        if http is not None:
+            http.stop()
+
+    server.serve_until_signal(settings.grace_s, on_stop=stop_http)
+    stop_http()  # waits for HTTP's drain to end
     servicer.close()
 
 

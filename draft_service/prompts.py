@@ -19,6 +19,9 @@ MAX_CHAT_MESSAGES = 4096
 class PromptEncoder:
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
+        # No token decodes to more characters than its vocabulary entry has, so a text longer than this many
+        # characters per allowed token cannot fit: it is refused before the work of tokenizing it.
+        self._max_chars_per_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
 
     @property
     def has_chat_template(self) -> bool:
@@ -29,11 +32,14 @@ class PromptEncoder:
         if self.has_chat_template:
             self.encode_text("hello", True)
 
-    def encode(self, prompt: Prompt, vocab_size: int) -> tuple[int, ...]:
-        """Any kind of prompt as token ids, each within the target's vocabulary."""
+    def encode(self, prompt: Prompt, vocab_size: int, max_tokens: int | None = None) -> tuple[int, ...]:
+        """Any kind of prompt as token ids, each within the target's vocabulary; text that could not fit in
+        ``max_tokens`` is refused before it is tokenized (the caller checks the exact count)."""
         if isinstance(prompt, TextPrompt):
+            self._check_could_fit(len(prompt.text), max_tokens)
             return self.encode_text(prompt.text, prompt.apply_chat_template)
         if isinstance(prompt, ChatPrompt):
+            self._check_could_fit(sum(len(message.content) for message in prompt.messages), max_tokens)
             return self.encode_chat(prompt.messages)
         if isinstance(prompt, TokenIdsPrompt):
             if not prompt.ids:
@@ -67,6 +73,11 @@ class PromptEncoder:
             raise InvalidArgument("this model's tokenizer has no chat template: send text or token ids instead of "
                                   "chat messages")
         return self._through_template(messages)
+
+    def _check_could_fit(self, chars: int, max_tokens: int | None) -> None:
+        if max_tokens is not None and chars > max_tokens * self._max_chars_per_token:
+            raise InvalidArgument(f"the prompt has {chars} characters: more than {max_tokens} tokens, the most "
+                                  "this service takes, can hold")
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)

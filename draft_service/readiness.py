@@ -45,8 +45,16 @@ class ServingState:
     def __init__(self, *followers: Callable[[bool], None]):
         self._followers = followers
         self._serving = threading.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """The service is stopping: not serving from now on, whatever the verifier does."""
+        self._stopping = True
+        self.set(False)
 
     def set(self, serving: bool) -> None:
+        if serving and self._stopping:
+            return
         if serving:
             self._serving.set()
         else:

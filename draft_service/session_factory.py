@@ -218,13 +218,14 @@ class SessionFactory:
                  event.reason.value, stats.rounds, stats.new_tokens / stats.total_s if stats.total_s else 0.0)
 
     def _prompt(self, prompt: Prompt, target: ModelInfo) -> tuple[int, ...]:
-        ids = self._encoder.encode(prompt, target.vocab_size)
+        limit = self.config.max_prompt_tokens
+        ids = self._encoder.encode(prompt, target.vocab_size,
+                                   min(target.max_context_tokens - 1, limit or target.max_context_tokens))
         if len(ids) >= target.max_context_tokens:
             raise InvalidArgument(
                 f"the prompt has {len(ids)} tokens; the target's context holds {target.max_context_tokens} "
                 "including at least one new token"
             )
-        limit = self.config.max_prompt_tokens
         if limit is not None and len(ids) > limit:
             raise InvalidArgument(f"the prompt has {len(ids)} tokens; this service accepts at most {limit}")
         return ids

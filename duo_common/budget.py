@@ -218,6 +218,7 @@ class ControllerConfig:
     smoothing: float = 0.2  # weight of the newest round in every running estimate
     prior_acceptance: float = 0.6
     probe_every: int = 16  # rounds between probes of an unmeasured or abandoned option
+    max_probe_every: int = 256  # while probes keep finding that speculation does not pay, they space out to this
     acceptance_memory: float = 48.0  # trials at a depth over which its acceptance is averaged
     max_branches: int = 1  # tree width sent with every budget (1: chains)
 
@@ -252,10 +253,10 @@ class AdaptiveBudget:
     """A BudgetPolicy for the orchestrator: re-estimates after every round, adapts when latency changes.
 
     It explores a little: once early on it verifies one round without a proposal (to measure what the
-    verifier costs alone), and while speculation is off it proposes again every ``probe_every`` rounds, so
-    its estimates of drafting and acceptance stay current. Given ``shared`` estimates, it starts from what
-    earlier sessions measured (their best budget first, no exploration already done) and leaves its own
-    there after every round."""
+    verifier costs alone), and while speculation is off it proposes again after ``probe_every`` rounds, so
+    its estimates of drafting and acceptance stay current (and after twice as many each time a probe leaves
+    speculation off, up to ``max_probe_every``). Given ``shared`` estimates, it starts from what
+    earlier sessions measured (their best budget first) and leaves its own there after every round."""
 
     def __init__(self, config: ControllerConfig = ControllerConfig(), shared: SharedEstimates | None = None):
         self.config = config
@@ -273,6 +274,8 @@ class AdaptiveBudget:
         self._largest_proposal = config.initial_budget
         self._rounds = 0
         self._rounds_since_proposal = 0
+        self._rounds_since_speculating = 0  # rounds since the model last chose a budget above 0
+        self._probe_interval = config.probe_every
         self.budget = config.initial_budget
         earlier = shared.recall() if shared is not None else None
         if earlier is not None:
@@ -308,9 +311,15 @@ class AdaptiveBudget:
         if self._draft_s_per_token.samples == 0:
             return None
         best = self.model().best_budget(self.config.max_budget, self.config.min_budget)
+        if timings.proposal_size > 0 and self._rounds_since_speculating > 0:  # a probe's verdict
+            # Each probe that leaves speculation off doubles the wait for the next one: a probe costs a
+            # round's drafting and draft rows that speculation, off for good reason, does not repay.
+            self._probe_interval = (min(2 * self._probe_interval, self.config.max_probe_every) if best == 0
+                                    else self.config.probe_every)
+        self._rounds_since_speculating = 0 if best > 0 else self._rounds_since_speculating + 1
         if self.config.min_budget == 0 and not self._verified_without_proposal and self._rounds >= 2:
             best = 0  # measure the verifier alone once
-        elif best == 0 and self._rounds_since_proposal >= self.config.probe_every:
+        elif best == 0 and self._rounds_since_proposal >= self._probe_interval:
             best = self.model().best_budget(self.config.max_budget, 1)  # keep the estimates fresh
         elif 0 < best < self.config.max_budget and self._rounds % self.config.probe_every == 0:
             best += 1  # now and then one depth deeper, so a pessimistic estimate there can recover

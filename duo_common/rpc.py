@@ -219,11 +219,14 @@ class ServiceServer:
             self._health_server.stop(0)
         self._stopped.set()
 
-    def serve_until_signal(self, grace_s: float) -> None:
-        """Block until SIGTERM/SIGINT, then stop gracefully."""
+    def serve_until_signal(self, grace_s: float, on_stop: Callable[[], None] | None = None) -> None:
+        """Block until SIGTERM/SIGINT, then stop gracefully; ``on_stop`` starts at the signal too, beside this
+        server's drain (another server of the service draining at the same time)."""
         def on_signal(signum, _frame):
             log.info("signal %d: draining for up to %.0f s", signum, grace_s)
             threading.Thread(target=self.stop, args=(grace_s,), daemon=True).start()
+            if on_stop is not None:
+                threading.Thread(target=on_stop, daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

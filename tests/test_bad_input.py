@@ -233,6 +233,11 @@ def test_service_limits_on_prompt_and_new_tokens_are_enforced(tmp_path):
             too_many = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5]), stopping=pb.StoppingParams(max_new_tokens=17))
             expect_status(grpc.StatusCode.INVALID_ARGUMENT, "exceeds this service's limit 16",
                           lambda: list(stub.Generate(too_many, timeout=30)))
+            # Text that cannot fit in 4 tokens, whatever it tokenizes to, is refused before it is tokenized.
+            huge = pb.GenerateRequest(text="w1 " * 100_000, apply_chat_template=False,
+                                      stopping=pb.StoppingParams(max_new_tokens=4))
+            expect_status(grpc.StatusCode.INVALID_ARGUMENT, "characters: more than 4 tokens",
+                          lambda: list(stub.Generate(huge, timeout=30)))
             ok = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 6, 7]), stopping=pb.StoppingParams(max_new_tokens=16))
             assert list(stub.Generate(ok, timeout=30))[-1].finished.stats.new_tokens >= 1
 

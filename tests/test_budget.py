@@ -256,3 +256,18 @@ def test_a_session_starts_from_what_earlier_sessions_on_the_verifier_learnt():
     shared.forget()  # another verifier
     assert AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=16), shared).initial() == 4
     assert cold.initial() == learnt.best_budget(16)
+
+
+def test_probes_space_out_while_speculation_keeps_not_paying():
+    controller = AdaptiveBudget(ControllerConfig(initial_budget=4, max_budget=8, probe_every=5, max_probe_every=40))
+    probes = []
+    for round_number in range(400):
+        budget = controller.budget
+        if budget > 0 and round_number > 3:  # after the first rounds, before anything was measured
+            probes.append(round_number)
+        verify_s = 0.054 if budget == 0 else 0.094  # a draft row costs a whole step; nothing is accepted
+        controller.after_round(RoundTimings(0.005 * budget, verify_s, verify_s, budget, 0, budget))
+    gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps), gaps  # each probe that finds nothing waits longer for the next
+    assert 40 <= gaps[-1] <= 42, gaps  # up to max_probe_every
+    assert len(probes) <= 400 / 40 + 3, probes  # not every probe_every rounds: 80 probes
