@@ -152,6 +152,7 @@ def run_under_faults(pair: Pair, prompts: list[str], references: dict[str, list[
                 except grpc.RpcError as exc:
                     with tally.lock:
                         tally.failed.append(f"{exc.code().name}: {exc.details()}")
+                    time.sleep(1.0)  # not a tight loop of refusals
                     continue
                 lost, extra = differences(result.token_ids, references[prompt])
                 with tally.lock:

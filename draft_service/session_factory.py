@@ -131,7 +131,7 @@ class SessionFactory:
         loaded = self.model()
         request_id = lease.name = spec.request_id or lease.key
         asking_started = time.perf_counter()
-        target, asked = self._targets.get()
+        target, asked = self._verifier_model(gone)
         first_token = FirstTokenTimes(model_info_s=time.perf_counter() - asking_started if asked else 0.0)
         tokenize_started = time.perf_counter()
         prompt = self._prompt(spec.prompt, target)
@@ -185,6 +185,23 @@ class SessionFactory:
                         event.stats.draft_budget_source = budget.source
                     self._observe(request_id, event)  # before yielding: the caller may hang up after the last
                     yield event
+
+    def _verifier_model(self, gone: Callable[[], bool]) -> tuple[ModelInfo, bool]:
+        """The verifier's model (``TargetInfoCache.get``). A verifier that cannot answer now (restarting, its
+        model still loading) is asked again while the resume policy lasts, so a session that arrives during a
+        verifier's restart waits for it, as the sessions it interrupted do."""
+        policy, first_refusal = self.config.resume, time.perf_counter()
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return self._targets.get()
+            except Unavailable as exc:
+                left_s = policy.within_s - (time.perf_counter() - first_refusal)
+                if left_s <= 0 or gone():
+                    raise
+                log.info("the verify service cannot answer (%s); asking again (attempt %d of %d)", exc, attempt,
+                         policy.attempts)
+                time.sleep(policy.pause_s(attempt, left_s))
+        return self._targets.get()
 
     def _forgetting_verifier_on_failure(self, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
         """The session's events; a failed verifier stream makes the next session ask the verifier's model again

@@ -3,6 +3,7 @@ with a new verifier session once a verifier is back (the caller sees a delay, th
 comes back in time, the caller gets UNAVAILABLE with a message that says so, the draft service frees the
 session and keeps serving once a verifier is back."""
 
+import time
 from concurrent import futures
 
 import grpc
@@ -12,7 +13,8 @@ from draft_service.readiness import follow_verifier
 from draft_service.servicer import DrafterConfig
 from duo_common.resume import ResumePolicy
 from duo_common import codec
-from duo_common.rpc import ServiceServer
+from duo_common.errors import Unavailable
+from duo_common.rpc import ServiceServer, translate_errors
 
 from protos import duo_pb2 as pb
 from protos import duo_pb2_grpc
@@ -104,3 +106,31 @@ def test_the_draft_service_is_not_ready_while_its_verifier_is_unreachable():
         drafter.stop(0)
         back.stop(0)
 
+
+
+class LoadingVerifier(duo_pb2_grpc.VerifierServicer):
+    """A verify service whose model is still loading: every call is UNAVAILABLE."""
+
+    @translate_errors
+    def GetModelInfo(self, request, context):
+        raise Unavailable("the target model is still loading; retry shortly")
+
+
+def test_a_generation_asked_for_while_the_verifier_restarts_waits_for_it(tmp_path):
+    pair = save_pair(tmp_path, "llama")
+    verify_cm = verify_server(pair.target_dir)
+    verify_addr, _ = verify_cm.__enter__()
+    port = int(verify_addr.rsplit(":", 1)[1])
+    with draft_server(pair.draft_dir, verify_addr) as (draft_addr, _), grpc.insecure_channel(draft_addr) as channel:
+        verify_cm.__exit__(None, None, None)
+        loading = ServiceServer(["duo.v1.Verifier"])  # the restarted verifier, still loading its model...
+        duo_pb2_grpc.add_VerifierServicer_to_server(LoadingVerifier(), loading.server)
+        loading.bind(f"127.0.0.1:{port}")
+        loading.start()
+        call = duo_pb2_grpc.DrafterStub(channel).Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[1, 5, 9]), stopping=pb.StoppingParams(max_new_tokens=12)), timeout=60)
+        time.sleep(1.5)
+        loading.stop(0)
+        with verify_server(pair.target_dir, port=port):  # ...and serving a moment later
+            events = list(call)
+    assert events[-1].finished.stats.new_tokens == 12
