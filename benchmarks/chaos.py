@@ -88,7 +88,8 @@ class Pair:
 class Tally:
     faults: dict[str, int] = field(default_factory=lambda: {"verify-kill": 0, "draft-kill": 0, "verify-pause": 0})
     completed: int = 0
-    failed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # after their first token: a lost generation
+    refused: int = 0  # before their first token (the draft service was down): nothing delivered, nothing lost
     lost: int = 0
     duplicated: int = 0
     resumes: int = 0
@@ -129,9 +130,9 @@ def differences(delivered: list[int], expected: list[int]) -> tuple[int, int]:
     return lost, extra
 
 
-def generate(orchestrator: Orchestrator, prompt: str, max_new_tokens: int):
+def generate(orchestrator: Orchestrator, prompt: str, max_new_tokens: int, on_text=lambda text: None):
     request = GenerationRequest(prompt_text=prompt, stopping=StoppingParams(max_new_tokens=max_new_tokens))
-    return orchestrator.generate(request, FixedBudget(3, 3))
+    return orchestrator.generate(request, FixedBudget(3, 3), on_text)
 
 
 def run_under_faults(pair: Pair, prompts: list[str], references: dict[str, list[int]], args, tally: Tally) -> None:
@@ -147,11 +148,15 @@ def run_under_faults(pair: Pair, prompts: list[str], references: dict[str, list[
             while not done.is_set():
                 prompt = prompts[turn % len(prompts)]
                 turn += args.concurrency
+                received = []
                 try:
-                    result = generate(orchestrator, prompt, args.max_new_tokens)
+                    result = generate(orchestrator, prompt, args.max_new_tokens, received.append)
                 except grpc.RpcError as exc:
                     with tally.lock:
-                        tally.failed.append(f"{exc.code().name}: {exc.details()}")
+                        if received:
+                            tally.failed.append(f"{exc.code().name}: {exc.details()}")
+                        else:
+                            tally.refused += 1
                     time.sleep(1.0)  # not a tight loop of refusals
                     continue
                 lost, extra = differences(result.token_ids, references[prompt])
@@ -251,8 +256,9 @@ def main() -> None:
             started = time.monotonic()
             run_under_faults(pair, prompts, references, args, tally)
             print(f"\nfaults injected       {json.dumps(tally.faults)} in {time.monotonic() - started:.0f} s")
-            print(f"generations completed {tally.completed}, failed {len(tally.failed)}"
+            print(f"generations completed {tally.completed}, failed after their first token {len(tally.failed)}"
                   + (f" (first: {tally.failed[0]})" if tally.failed else ""))
+            print(f"refused at the start  {tally.refused} (the draft service was down; nothing delivered)")
             print(f"tokens lost           {tally.lost}")
             print(f"tokens duplicated     {tally.duplicated}")
             print(f"resumes               {tally.resumes}")
