@@ -85,11 +85,20 @@ _CHECK_TREE_SHAPE = (-1, -1, 0, 0, 2, 1)
 _CHECK_PREFIX_LENGTH = 5
 
 
+def _check_token_ids(model: torch.nn.Module, count: int) -> list[int]:
+    """Fixed pseudo-random token ids, never the pad token: transformers warns about padding when a row without
+    an attention mask holds it, and the self-check runs its plain rows without one."""
+    pad = getattr(model.config, "pad_token_id", None)
+    vocab = output_vocab_size(model)
+    skip = pad if isinstance(pad, int) and 0 <= pad < vocab else None
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(0, vocab - (skip is not None), (count,), generator=generator).tolist()
+    return [draw + (skip is not None and draw >= skip) for draw in draws]
+
+
 def supports_tree_attention(model: torch.nn.Module) -> bool:
     """One-time check: does the model's tree forward match sequential computation? Logs the verdict."""
-    vocab = output_vocab_size(model)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (_CHECK_PREFIX_LENGTH + len(_CHECK_TREE_SHAPE),), generator=generator).tolist()
+    ids = _check_token_ids(model, _CHECK_PREFIX_LENGTH + len(_CHECK_TREE_SHAPE))
     prefix, nodes = ids[:_CHECK_PREFIX_LENGTH], ids[_CHECK_PREFIX_LENGTH:]
     tree = TokenTree(tuple(nodes), _CHECK_TREE_SHAPE)
     try:
