@@ -31,11 +31,11 @@ from pathlib import Path
 
 import grpc
 
-from client.embedded import ChildService
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
-from duo_common.params import StoppingParams
-from duo_common.resume import ResumePolicy
+from duo.client.embedded import ChildService
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
+from duo.common.params import StoppingParams
+from duo.common.resume import ResumePolicy
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 RESUME = ResumePolicy(attempts=8, within_s=120.0)  # a restart takes seconds: imports and the model load
@@ -62,12 +62,12 @@ class Pair:
 
     def start_verify(self) -> None:
         self.verify = ChildService.start("verify", [
-            "verify_service.cli", "serve", "--model", self.target, "--threads", "1", "--device", "cpu"],
+            "duo.verify_service.cli", "serve", "--model", self.target, "--threads", "1", "--device", "cpu"],
             self.work, port=self.verify_port)
 
     def start_draft(self) -> None:
         self.drafter = ChildService.start("draft", [
-            "draft_service.cli", "serve", "--model", self.draft, "--threads", "1",
+            "duo.draft_service.cli", "serve", "--model", self.draft, "--threads", "1",
             "--verify-addr", f"127.0.0.1:{self.verify_port}",
             "--verifier-resume-attempts", str(RESUME.attempts),
             "--verifier-resume-within-s", str(RESUME.within_s)], self.work, port=self.draft_port)
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--target-model", default=DEFAULT_TARGET)
     parser.add_argument("--draft-model", default=DEFAULT_DRAFT)
     args = parser.parse_args()
-    logging.getLogger("client.orchestrator").setLevel(logging.ERROR)  # each resume attempt's warning: counted below
+    logging.getLogger("duo.client.orchestrator").setLevel(logging.ERROR)  # each resume attempt's warning: counted below
     prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(prefix="duo-chaos-") as work:
         pair = Pair(Path(work), args.target_model, args.draft_model)

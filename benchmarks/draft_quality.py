@@ -38,10 +38,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from draft_service.tree_drafter import TreeDrafter  # noqa: E402
-from duo_common.default_models import default_draft_dir, default_target_dir  # noqa: E402
-from duo_common.params import DecodingParams  # noqa: E402
-from duo_common.tree import DEFAULT_MAX_BRANCHES, ROOT, TokenTree  # noqa: E402
+from duo.draft_service.tree_drafter import TreeDrafter  # noqa: E402
+from duo.common.default_models import default_draft_dir, default_target_dir  # noqa: E402
+from duo.common.params import DecodingParams  # noqa: E402
+from duo.common.tree import DEFAULT_MAX_BRANCHES, ROOT, TokenTree  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 

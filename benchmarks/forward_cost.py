@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from duo_common.default_models import DEFAULT_TARGET
-from duo_common.kv_cache import new_cache
-from duo_common.models import load_causal_lm
-from duo_common.tree import TokenTree
-from duo_common.tree_attention import tree_attention_inputs
+from duo.common.default_models import DEFAULT_TARGET
+from duo.common.kv_cache import new_cache
+from duo.common.models import load_causal_lm
+from duo.common.tree import TokenTree
+from duo.common.tree_attention import tree_attention_inputs
 
 DEFAULT_K = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 

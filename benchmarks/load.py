@@ -28,12 +28,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from client.bench import percentile
-from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
-from client.embedded import EmbeddedConfig, embedded_services
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model
-from duo_common.params import StoppingParams
+from duo.client.bench import percentile
+from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.client.embedded import EmbeddedConfig, embedded_services
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model
+from duo.common.params import StoppingParams
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 MODES = {"batched": (), "one-per-pass": ("--max-batch-sessions", "1")}

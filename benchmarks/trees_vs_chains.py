@@ -26,17 +26,17 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator  # noqa: E402
-from draft_service.servicer import DrafterConfig, DrafterServicer  # noqa: E402
-from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, default_draft_dir, default_target_dir  # noqa: E402
-from duo_common.models import load_causal_lm  # noqa: E402
-from duo_common.params import DecodingParams, StoppingParams  # noqa: E402
-from duo_common.rpc import MAX_MESSAGE_BYTES, ServiceServer  # noqa: E402
-from duo_common.sessions import SessionRegistry  # noqa: E402
-from protos import duo_pb2_grpc  # noqa: E402
-from verify_service.engine import TargetVerifier  # noqa: E402
-from verify_service.scheduler import VerifyScheduler  # noqa: E402
-from verify_service.servicer import VerifierServicer  # noqa: E402
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator  # noqa: E402
+from duo.draft_service.servicer import DrafterConfig, DrafterServicer  # noqa: E402
+from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, default_draft_dir, default_target_dir  # noqa: E402
+from duo.common.models import load_causal_lm  # noqa: E402
+from duo.common.params import DecodingParams, StoppingParams  # noqa: E402
+from duo.common.rpc import MAX_MESSAGE_BYTES, ServiceServer  # noqa: E402
+from duo.common.sessions import SessionRegistry  # noqa: E402
+from duo.protos import duo_pb2_grpc  # noqa: E402
+from duo.verify_service.engine import TargetVerifier  # noqa: E402
+from duo.verify_service.scheduler import VerifyScheduler  # noqa: E402
+from duo.verify_service.servicer import VerifierServicer  # noqa: E402
 
 FALLBACK_PROMPTS = [
     "What is the capital of France?",

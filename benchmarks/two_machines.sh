@@ -65,7 +65,7 @@ sys.exit("not healthy: " + sys.argv[1])
 PY
 }
 
-ip netns exec "$gpu" "$py" -m verify_service.cli serve --host "$gpu_ip" --port 50051 --threads 1 --device cpu \
+ip netns exec "$gpu" "$py" -m duo.verify_service.cli serve --host "$gpu_ip" --port 50051 --threads 1 --device cpu \
   > "$out/verify.log" 2>&1 &
 pids+=($!)
 wait_healthy "$gpu" "$gpu_ip:50051"
@@ -75,13 +75,13 @@ for rtt in $rtts; do
   ip netns exec "$cpu" "$py" -m benchmarks.delay_proxy --listen "$cpu_ip:50061" --upstream "$gpu_ip:50051" \
     --delay-ms "$one_way" > "$out/proxy-$rtt.log" 2>&1 &
   proxy=$!
-  ip netns exec "$cpu" "$py" -m draft_service.cli serve --host "$cpu_ip" --port 50052 --threads 1 \
+  ip netns exec "$cpu" "$py" -m duo.draft_service.cli serve --host "$cpu_ip" --port 50052 --threads 1 \
     --verify-addr "$cpu_ip:50061" > "$out/draft-$rtt.log" 2>&1 &
   draft=$!
   pids+=("$proxy" "$draft")
   wait_healthy "$cpu" "$cpu_ip:50052"
   echo "== added round trip ${rtt} ms ==" >&2
-  ip netns exec "$cpu" "$py" -m client.cli bench --draft-addr "$cpu_ip:50052" --no-warmup \
+  ip netns exec "$cpu" "$py" -m duo.client.cli bench --draft-addr "$cpu_ip:50052" --no-warmup \
     --systems hf-generate,duo-nospec,duo-fixed,duo-sequential,duo-auto \
     --json-out "$out/rtt-$rtt.json" "${bench_args[@]}" | tee "$out/rtt-$rtt.txt"
   kill "$draft" "$proxy"

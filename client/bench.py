@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
-from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
-from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
-from duo_common.params import StoppingParams
+from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
+from duo.common.params import StoppingParams
 
 HF_GENERATE = ("hf-generate", "hf-generate-bf16")  # the speed base: the faster of these
 OTHER_NUMERICS = ("hf-generate-bf16",)  # not held to the reference's tokens

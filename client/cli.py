@@ -12,19 +12,19 @@ from pathlib import Path
 import click
 import grpc
 
-from client import bench, resident
-from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
-from client.embedded import EmbeddedConfig, embedded_services, usable_cores
-from client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
-from duo_common.cpu_runtime import KERNEL_CHOICES
-from duo_common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, check_local_model
-from duo_common.errors import DuoError, FailedPrecondition, StartupError
-from duo_common.generation_spec import ChatMessage, ChatRole
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.rpc import MAX_MESSAGE_BYTES
-from duo_common.security import ChannelSecurity, read_token
-from duo_common.serve_cli import budget_option
-from duo_common.tree import DEFAULT_MAX_BRANCHES
+from duo.client import bench, resident
+from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.client.embedded import EmbeddedConfig, embedded_services, usable_cores
+from duo.client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
+from duo.common.cpu_runtime import KERNEL_CHOICES
+from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, check_local_model
+from duo.common.errors import DuoError, FailedPrecondition, StartupError
+from duo.common.generation_spec import ChatMessage, ChatRole
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.rpc import MAX_MESSAGE_BYTES
+from duo.common.security import ChannelSecurity, read_token
+from duo.common.serve_cli import budget_option
+from duo.common.tree import DEFAULT_MAX_BRANCHES
 
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
@@ -291,7 +291,7 @@ def _describe(pair: resident.ResidentPair) -> str:
 def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, max_branches, chat, warmup, json_out,
                   chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, cpu_kernels, hf_threads):
     """Compare duo with HF generate and HF assisted generation on the same models and cores."""
-    from duo_common.default_models import resolve_model
+    from duo.common.default_models import resolve_model
 
     if chart is not None and (missing := bench.chart_unavailable_reason()):
         raise click.ClickException(missing)  # before the bench, not after it

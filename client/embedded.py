@@ -20,7 +20,7 @@ from typing import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from duo_common.errors import StartupError
+from duo.common.errors import StartupError
 
 
 class ServiceStartError(StartupError):
@@ -72,14 +72,14 @@ def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
         work = Path(workdir)
         deadline = time.monotonic() + config.start_timeout_s
         verify = stack.enter_context(_running("verify", [
-            "verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
+            "duo.verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
             "--device", config.verify_device, "--dtype", config.verify_dtype, "--cpu-kernels", config.cpu_kernels,
             *config.verify_options,
         ], work))
         verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
         shares_cores = config.verify_threads + config.draft_threads > usable_cores()
         draft = stack.enter_context(_running("draft", [
-            "draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
+            "duo.draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
             "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels, "--verify-addr", verify_addr,
             *(SHARED_CORES_DRAFT_OPTIONS if shares_cores else ()), *config.draft_options,
         ], work, DRAFT_NICENESS if shares_cores else 0))

@@ -15,16 +15,16 @@ from typing import Callable, Iterator, Protocol
 
 import grpc
 
-from duo_common import codec
-from duo_common.compat import check_compatible
-from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
-from duo_common.generation_spec import ChatMessage
-from duo_common.models import ModelInfo
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.resume import ResumePolicy
-from duo_common.stopping import FinishReason
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.common import codec
+from duo.common.compat import check_compatible
+from duo.common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo.common.generation_spec import ChatMessage
+from duo.common.models import ModelInfo
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.resume import ResumePolicy
+from duo.common.stopping import FinishReason
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 
 _CLOSE = object()
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """A resident local pair: the embedded services started once and kept in the background (``duo-client up``),
 so that ``duo-client generate`` neither starts them nor loads the models; ``duo-client down`` stops them.
 
-A keeper process (``python -m client.resident``, in a session of its own: a terminal's Ctrl-C or hang-up is
+A keeper process (``python -m duo.client.resident``, in a session of its own: a terminal's Ctrl-C or hang-up is
 not for it) holds the pair through ``embedded_services``, so the services are its children and stop with it,
 even when it is killed outright. It records the pair in ``<cache dir>/resident.json`` while it lives; a
 record whose keeper is gone is stale, and is removed when read.
@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.embedded import EmbeddedConfig, ServiceStartError, embedded_services, failure_line
-from duo_common.default_models import cache_root
-from duo_common.errors import StartupError
+from duo.client.embedded import EmbeddedConfig, ServiceStartError, embedded_services, failure_line
+from duo.common.default_models import cache_root
+from duo.common.errors import StartupError
 
-KEEPER_MODULE = "client.resident"
+KEEPER_MODULE = "duo.client.resident"
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ RUN apt-get update \
 # duo itself (a layer of its own: code changes do not reinstall torch).
 COPY . /src
 RUN pip install /src \
-    && python -c "import torch, draft_service, verify_service; print('torch', torch.__version__)" \
-    && python -c "from duo_common import _packed_gemm"
+    && python -c "import torch, duo.draft_service, duo.verify_service; print('torch', torch.__version__)" \
+    && python -c "from duo.common import _packed_gemm"
 
 ############################ runtime: the virtualenv on the same slim base, non-root
 FROM python:3.11-slim-bookworm AS runtime

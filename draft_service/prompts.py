@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from duo_common import codec
-from duo_common.errors import InvalidArgument
-from duo_common.generation_spec import ChatMessage, ChatPrompt, ChatRole, Prompt, TextPrompt, TokenIdsPrompt
+from duo.common import codec
+from duo.common.errors import InvalidArgument
+from duo.common.generation_spec import ChatMessage, ChatPrompt, ChatRole, Prompt, TextPrompt, TokenIdsPrompt
 
 MAX_PROMPT_CHARS = 1_000_000  # of a text prompt, and of a chat's messages together
 MAX_CHAT_MESSAGES = 4096

@@ -12,16 +12,16 @@ import threading
 
 import grpc
 
-from draft_service.session_budget import SessionBudget
-from draft_service.session_factory import DrafterConfig, Generation, SessionFactory, SessionStart
-from duo_common import codec
-from duo_common.errors import FailedPrecondition, InvalidArgument
-from duo_common.metrics import ServiceMetrics
-from duo_common.models import LoadedModel, ModelInfo
-from duo_common.rpc import translate_errors
-from duo_common.sessions import Lease, SessionRegistry
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.draft_service.session_budget import SessionBudget
+from duo.draft_service.session_factory import DrafterConfig, Generation, SessionFactory, SessionStart
+from duo.common import codec
+from duo.common.errors import FailedPrecondition, InvalidArgument
+from duo.common.metrics import ServiceMetrics
+from duo.common.models import LoadedModel, ModelInfo
+from duo.common.rpc import translate_errors
+from duo.common.sessions import Lease, SessionRegistry
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 
 __all__ = ["DrafterConfig", "DrafterServicer"]  # DrafterConfig: where callers have always imported it from
 

@@ -1,6 +1,6 @@
 """A session's draft budget and who chooses it: the request (fixed), the client (Session budget updates
 between rounds), or, for a request that sets none, this service's latency-aware controller
-(``duo_common.budget``, the same one ``duo-client --draft-budget auto`` runs), fed by the session's rounds.
+(``duo.common.budget``, the same one ``duo-client --draft-budget auto`` runs), fed by the session's rounds.
 
 The speculation loop only reads the budget (``budget()``, ``budget.max_branches()``) before each proposal.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 
-from draft_service.draft_tree import MAX_WIDTH
-from duo_common.budget import AdaptiveBudget
-from duo_common.errors import InvalidArgument
-from duo_common.events import BudgetSource, RoundTimings
+from duo.draft_service.draft_tree import MAX_WIDTH
+from duo.common.budget import AdaptiveBudget
+from duo.common.errors import InvalidArgument
+from duo.common.events import BudgetSource, RoundTimings
 
 
 class SessionBudget:

@@ -1,5 +1,5 @@
 """The draft service's generation sessions, whatever the transport: a decoded request (``GenerationSpec``)
-becomes a running ``SpeculativeSession`` whose events (``duo_common.events``) the caller relays — the gRPC
+becomes a running ``SpeculativeSession`` whose events (``duo.common.events``) the caller relays — the gRPC
 servicer as protobuf, the HTTP API as OpenAI JSON.
 
 Building a session checks the request against this service's limits and the verifier's model (asked once per
@@ -21,29 +21,29 @@ from typing import Callable, Iterator
 
 import grpc
 
-from draft_service.prompts import PromptEncoder
-from draft_service.session_budget import SessionBudget
-from draft_service.speculation import SessionPlan, SpeculativeSession
-from draft_service.target_info import TargetInfoCache
-from draft_service.tree_drafter import TreeDrafter
-from draft_service.verifier_link import GrpcVerifierLink
-from duo_common import batched_forward, codec
-from duo_common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
-from duo_common.compat import check_compatible
-from duo_common.decoder_ops import SHORT_QUERY_TOKENS
-from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable, UpstreamError
-from duo_common.events import CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent, SessionStats
-from duo_common.generation_spec import GenerationSpec, Prompt
-from duo_common.metrics import ServiceMetrics
-from duo_common.models import LoadedModel, ModelInfo
-from duo_common.pass_scheduler import PassScheduler
-from duo_common.resume import ResumePolicy
-from duo_common.sessions import Lease
-from duo_common.stopping import FinishReason, StopChecker
-from duo_common.tree import DEFAULT_MAX_BRANCHES
-from duo_common.tree_attention import supports_tree_attention
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.draft_service.prompts import PromptEncoder
+from duo.draft_service.session_budget import SessionBudget
+from duo.draft_service.speculation import SessionPlan, SpeculativeSession
+from duo.draft_service.target_info import TargetInfoCache
+from duo.draft_service.tree_drafter import TreeDrafter
+from duo.draft_service.verifier_link import GrpcVerifierLink
+from duo.common import batched_forward, codec
+from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.common.compat import check_compatible
+from duo.common.decoder_ops import SHORT_QUERY_TOKENS
+from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable, UpstreamError
+from duo.common.events import CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent, SessionStats
+from duo.common.generation_spec import GenerationSpec, Prompt
+from duo.common.metrics import ServiceMetrics
+from duo.common.models import LoadedModel, ModelInfo
+from duo.common.pass_scheduler import PassScheduler
+from duo.common.resume import ResumePolicy
+from duo.common.sessions import Lease
+from duo.common.stopping import FinishReason, StopChecker
+from duo.common.tree import DEFAULT_MAX_BRANCHES
+from duo.common.tree_attention import supports_tree_attention
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DrafterConfig:
     verify_timeout_s: float = 120.0
     max_new_tokens_limit: int = 4096
     max_prompt_tokens: int | None = None  # None: whatever the target's context holds
-    max_batch_tokens: int = 256  # draft forwards of all sessions share passes (duo_common.pass_scheduler)
+    max_batch_tokens: int = 256  # draft forwards of all sessions share passes (duo.common.pass_scheduler)
     max_batch_sessions: int = 64
     draft_prefill_first: bool = True  # prefill the draft beside the target (False: after the first token)
     resume: ResumePolicy = ResumePolicy()  # carrying a session on after losing its verifier

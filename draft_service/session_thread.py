@@ -16,10 +16,10 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from draft_service.session_factory import SessionFactory, SessionStart
-from duo_common.events import GenerationEvent
-from duo_common.generation_spec import GenerationSpec
-from duo_common.sessions import SessionRegistry
+from duo.draft_service.session_factory import SessionFactory, SessionStart
+from duo.common.events import GenerationEvent
+from duo.common.generation_spec import GenerationSpec
+from duo.common.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-from draft_service.tree_drafter import TreeDrafter
-from draft_service.verifier_link import PrefillReply, VerdictReply, VerifierLost
-from duo_common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
-from duo_common.params import DecodingParams
-from duo_common.resume import ResumePolicy
-from duo_common.stopping import FinishReason, StopChecker
-from duo_common.tree import TokenTree
+from duo.draft_service.tree_drafter import TreeDrafter
+from duo.draft_service.verifier_link import PrefillReply, VerdictReply, VerifierLost
+from duo.common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
+from duo.common.params import DecodingParams
+from duo.common.resume import ResumePolicy
+from duo.common.stopping import FinishReason, StopChecker
+from duo.common.tree import TokenTree
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import grpc
 
-from duo_common.models import ModelInfo
+from duo.common.models import ModelInfo
 
 
 class TargetInfoCache:

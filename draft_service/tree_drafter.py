@@ -20,17 +20,17 @@ from typing import Callable
 
 import torch
 
-from draft_service.context_copy import ContextCopy
-from draft_service.draft_tree import MAX_WIDTH, CalibratedProbability, DraftTree, RankAcceptance
-from duo_common import batched_forward
-from duo_common.batched_forward import NewTokens
-from duo_common.decoder_ops import SHORT_QUERY_TOKENS
-from duo_common.kv_cache import new_cache
-from duo_common.models import select_cache_positions, truncate_cache
-from duo_common.params import DecodingParams
-from duo_common.pass_scheduler import PassScheduler
-from duo_common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
-from duo_common.tree import ROOT, TokenTree
+from duo.draft_service.context_copy import ContextCopy
+from duo.draft_service.draft_tree import MAX_WIDTH, CalibratedProbability, DraftTree, RankAcceptance
+from duo.common import batched_forward
+from duo.common.batched_forward import NewTokens
+from duo.common.decoder_ops import SHORT_QUERY_TOKENS
+from duo.common.kv_cache import new_cache
+from duo.common.models import select_cache_positions, truncate_cache
+from duo.common.params import DecodingParams
+from duo.common.pass_scheduler import PassScheduler
+from duo.common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
+from duo.common.tree import ROOT, TokenTree
 
 
 class TreeDrafter:

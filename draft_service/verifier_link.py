@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from duo_common import codec
-from duo_common.errors import FailedPrecondition, Unavailable
-from duo_common.params import DecodingParams
-from duo_common.tree import TokenTree
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.common import codec
+from duo.common.errors import FailedPrecondition, Unavailable
+from duo.common.params import DecodingParams
+from duo.common.tree import TokenTree
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 
 _CLOSE = object()
 

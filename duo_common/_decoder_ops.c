@@ -1,4 +1,4 @@
-/* duo_common._decoder_ops: the small operations between a decoder layer's matrix products, in C.
+/* duo.common._decoder_ops: the small operations between a decoder layer's matrix products, in C.
  *
  * Why: once the matrix products are cheap (_packed_gemm), a CPU forward pass over a few tokens spends about
  * as long again in the operations between them (norms, rotary embedding, attention over the cache, the
@@ -13,7 +13,7 @@
  *
  * exp() is computed 8 at a time (exp8: within about 2 ulp, where torch's own is within 1). Attention, exp() and
  * the gating use AVX2 (cpu_supported()); the rest is plain C. Functions take addresses as integers
- * (torch data_ptr()); duo_common.decoder_ops owns validation.
+ * (torch data_ptr()); duo.common.decoder_ops owns validation.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,7 +24,7 @@
 #include <string.h>
 
 #if !defined(__x86_64__) || !defined(__GNUC__)
-#error "duo_common._decoder_ops is built for x86-64 with GCC or Clang (setup.py builds it only there)"
+#error "duo.common._decoder_ops is built for x86-64 with GCC or Clang (setup.py builds it only there)"
 #endif
 #include <immintrin.h>
 
@@ -236,9 +236,9 @@ __attribute__((target("avx2"))) static void silu_mul(const float *gate_up, int r
 }
 
 /* A whole decoder layer for a few rows, in place on hidden [rows][hidden]: the products through the packed
- * kernel (duo_common._packed_gemm, reached through its capsule), the operations between them as above, and
+ * kernel (duo.common._packed_gemm, reached through its capsule), the operations between them as above, and
  * the new keys and values written into the cache's buffers. Each step computes exactly what the separate
- * calls of duo_common.lean_llama compute (the same functions, the same order). */
+ * calls of duo.common.lean_llama compute (the same functions, the same order). */
 typedef struct {
     const void *weights;
     int format;
@@ -326,7 +326,7 @@ static int run_layer(const layer_def *L, float *h, const float *cos, const float
     return 0;
 }
 
-static void free_layer(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "duo_common._decoder_ops.layer")); }
+static void free_layer(PyObject *capsule) { free(PyCapsule_GetPointer(capsule, "duo.common._decoder_ops.layer")); }
 
 #define PTR(v) ((float *)(uintptr_t)(v))
 
@@ -418,7 +418,7 @@ static PyObject *py_layer(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "layer: no '%s' packed kernel here, or heads that do not fit", set_name);
         return NULL;
     }
-    PyObject *capsule = PyCapsule_New(L, "duo_common._decoder_ops.layer", free_layer);
+    PyObject *capsule = PyCapsule_New(L, "duo.common._decoder_ops.layer", free_layer);
     if (!capsule)
         free(L);
     return capsule;
@@ -431,7 +431,7 @@ static PyObject *py_run_layer(PyObject *self, PyObject *args) {
     unsigned long long hidden, cos, sin;
     if (!PyArg_ParseTuple(args, "OKKKO", &capsule, &hidden, &cos, &sin, &seq))
         return NULL;
-    const layer_def *L = PyCapsule_GetPointer(capsule, "duo_common._decoder_ops.layer");
+    const layer_def *L = PyCapsule_GetPointer(capsule, "duo.common._decoder_ops.layer");
     if (!L)
         return NULL;
     PyObject *items = PySequence_Fast(seq, "run_layer: segments must be a sequence");
@@ -499,7 +499,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_decoder_ops", NULL,
 
 PyMODINIT_FUNC PyInit__decoder_ops(void) {
     /* The packed kernel, for run_layer(); without it the module still serves its single operations. */
-    PyObject *kernel_module = PyImport_ImportModule("duo_common._packed_gemm");
+    PyObject *kernel_module = PyImport_ImportModule("duo.common._packed_gemm");
     gemm_api = kernel_module ? PyCapsule_Import(PACKED_GEMM_CAPSULE, 0) : NULL;
     Py_XDECREF(kernel_module);
     if (!gemm_api)

@@ -1,4 +1,4 @@
-/* duo_common._packed_gemm: Y = X · Wᵀ (+ bias) for a few rows of X against a weight packed once at load.
+/* duo.common._packed_gemm: Y = X · Wᵀ (+ bias) for a few rows of X against a weight packed once at load.
  *
  * Why: speculative decoding pays when scoring k proposed tokens costs about as much as scoring one, because
  * the weights are read once. On a CPU, the BLAS kernels torch calls for 2-32 rows re-pack or re-read the
@@ -11,7 +11,7 @@
  *   avx512  tiles of up to 14 rows x 32 outputs in 16-float registers;
  *   avx2    (with FMA) tiles of up to 6 rows x 16 outputs (half a panel) in 8-float registers.
  *
- * Storage formats (the caller packs; duo_common.packed_linear chooses the smallest that is *exact*):
+ * Storage formats (the caller packs; duo.common.packed_linear chooses the smallest that is *exact*):
  *   FORMAT_F32        panels of float32.
  *   FORMAT_BF16       panels of bfloat16 bits, for weights that are bfloat16 values (a bfloat16 checkpoint
  *                     run in float32): widened to float32 exactly.
@@ -558,7 +558,7 @@ static PyObject *py_instruction_sets(PyObject *self, PyObject *unused) {
 
 /* gemm(instruction_set, x, rows, k, weights, format, scales, offsets, n, y, bias): addresses as integers
  * (torch data_ptr()); scales and offsets only for FORMAT_I8_BLOCKS, bias 0 for none. The caller
- * (duo_common.packed_linear) owns validation: dtypes, contiguity, shapes, panel layout. */
+ * (duo.common.packed_linear) owns validation: dtypes, contiguity, shapes, panel layout. */
 static PyObject *py_gemm(PyObject *self, PyObject *args) {
     const char *set_name;
     unsigned long long x, weights, scales, offsets, y, bias;

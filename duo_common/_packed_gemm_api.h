@@ -1,5 +1,5 @@
-/* The packed kernel as other extensions call it (duo_common._decoder_ops), through the capsule
- * duo_common._packed_gemm._C_API. */
+/* The packed kernel as other extensions call it (duo.common._decoder_ops), through the capsule
+ * duo.common._packed_gemm._C_API. */
 #ifndef DUO_PACKED_GEMM_API_H
 #define DUO_PACKED_GEMM_API_H
 
@@ -11,6 +11,6 @@ typedef struct {
                 const float *scales, const float *offsets, int n, float *y, const float *bias);
 } packed_gemm_api;
 
-#define PACKED_GEMM_CAPSULE "duo_common._packed_gemm._C_API"
+#define PACKED_GEMM_CAPSULE "duo.common._packed_gemm._C_API"
 
 #endif

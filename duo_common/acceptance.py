@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from duo_common.tree import ROOT, TokenTree
+from duo.common.tree import ROOT, TokenTree
 
 
 @dataclass(frozen=True)

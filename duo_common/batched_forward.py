@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from duo_common import lean_llama
-from duo_common.kv_cache import cache_argument
-from duo_common.tree_attention import attention_inputs
+from duo.common import lean_llama
+from duo.common.kv_cache import cache_argument
+from duo.common.tree_attention import attention_inputs
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from duo_common.events import RoundTimings
+from duo.common.events import RoundTimings
 
 
 @dataclass(frozen=True)

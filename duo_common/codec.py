@@ -11,16 +11,16 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from duo_common.errors import InvalidArgument
-from duo_common.events import (BudgetSource, CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent,
+from duo.common.errors import InvalidArgument
+from duo.common.events import (BudgetSource, CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent,
                                RoundTimings, SessionStats)
-from duo_common.generation_spec import (ChatMessage, ChatPrompt, ChatRole, GenerationSpec, Prompt,
+from duo.common.generation_spec import (ChatMessage, ChatPrompt, ChatRole, GenerationSpec, Prompt,
                                         RequestedBudget, TextPrompt, TokenIdsPrompt)
-from duo_common.models import ModelInfo
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.stopping import FinishReason
-from duo_common.tree import TokenTree
-from protos import duo_pb2 as pb
+from duo.common.models import ModelInfo
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.stopping import FinishReason
+from duo.common.tree import TokenTree
+from duo.protos import duo_pb2 as pb
 
 _FINISH_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,

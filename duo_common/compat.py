@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from duo_common.errors import FailedPrecondition
-from duo_common.models import ModelInfo
+from duo.common.errors import FailedPrecondition
+from duo.common.models import ModelInfo
 
 
 def check_compatible(draft: ModelInfo, target: ModelInfo) -> None:

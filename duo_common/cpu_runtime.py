@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from duo_common.decoder_ops import SHORT_QUERY_TOKENS
-from duo_common.default_models import ModelNotAvailableError
-from duo_common.lean_llama import install_lean_forward, supports_lean_forward
-from duo_common.packed_linear import kernel_unavailable_reason, pack_linear_layers, use_threads
+from duo.common.decoder_ops import SHORT_QUERY_TOKENS
+from duo.common.default_models import ModelNotAvailableError
+from duo.common.lean_llama import install_lean_forward, supports_lean_forward
+from duo.common.packed_linear import kernel_unavailable_reason, pack_linear_layers, use_threads
 
 KERNEL_CHOICES = ("auto", "packed", "torch")
 KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 try:
-    from duo_common import _decoder_ops
+    from duo.common import _decoder_ops
 except ImportError:  # not built on this machine (setup.py builds it where it can)
     _decoder_ops = None
 
@@ -110,7 +110,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def can_run_layers() -> bool:
     """Whole layers in one call (``layer_definition``) need the packed kernel's C interface too."""
-    from duo_common.packed_linear import kernel_unavailable_reason
+    from duo.common.packed_linear import kernel_unavailable_reason
 
     return available() and kernel_unavailable_reason() is None
 

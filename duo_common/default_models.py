@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from duo_common.errors import StartupError
+from duo.common.errors import StartupError
 
 log = logging.getLogger(__name__)
 

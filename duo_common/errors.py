@@ -1,7 +1,7 @@
 """Domain errors, each naming the gRPC status it maps to at the service boundary, and the one error of
 start-up.
 
-Code beneath the servicers raises these; `duo_common.rpc` turns them into gRPC statuses, so nothing
+Code beneath the servicers raises these; `duo.common.rpc` turns them into gRPC statuses, so nothing
 below the boundary imports grpc. `StartupError` never reaches a caller: the service's CLI prints it.
 """
 

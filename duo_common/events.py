@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from duo_common.stopping import FinishReason
+from duo.common.stopping import FinishReason
 
 
 @dataclass(frozen=True)

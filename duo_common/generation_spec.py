@@ -1,6 +1,6 @@
 """What a caller asks of the draft service for one generation, as dataclasses, whatever the transport: the
-gRPC codec (``duo_common.codec``) and the HTTP API's translation (``draft_service.openai_codec``) both decode
-into these, and the draft service's session machinery (``draft_service.session_factory``) takes them.
+gRPC codec (``duo.common.codec``) and the HTTP API's translation (``duo.draft_service.openai_codec``) both decode
+into these, and the draft service's session machinery (``duo.draft_service.session_factory``) takes them.
 
 A prompt is one of three kinds: text (tokenized by the service, optionally as one user message of the chat
 template), token ids, or chat messages (always through the chat template). Limits that depend on the
@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from duo_common.errors import InvalidArgument
-from duo_common.params import DecodingParams, StoppingParams
+from duo.common.errors import InvalidArgument
+from duo.common.params import DecodingParams, StoppingParams
 
 
 class ChatRole(str, enum.Enum):

@@ -23,9 +23,9 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from duo_common import decoder_ops
-from duo_common.kv_cache import GrowableLayer, new_cache
-from duo_common.packed_linear import PackedLinear
+from duo.common import decoder_ops
+from duo.common.kv_cache import GrowableLayer, new_cache
+from duo.common.packed_linear import PackedLinear
 
 # The output's field for the cache: ``cache`` from transformers 5.24 on (``past_key_values`` there is deprecated
 # and logs a warning), ``past_key_values`` before.

@@ -25,7 +25,7 @@ class ServiceMetrics:
                                         buckets=_LATENCY_BUCKETS, **labels)
         self.prefill_seconds = Histogram("duo_prefill_compute_seconds", "Target prefill per session",
                                          buckets=_LATENCY_BUCKETS, **labels)
-        # both services: forward passes shared by sessions (duo_common.pass_scheduler)
+        # both services: forward passes shared by sessions (duo.common.pass_scheduler)
         self.batch_sequences = Histogram("duo_batch_sequences", "Sessions' sequences scored per forward pass",
                                          buckets=_SIZE_BUCKETS, **labels)
         self.batch_tokens = Histogram("duo_batch_tokens", "Tokens scored per forward pass",

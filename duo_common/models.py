@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from duo_common.cpu_runtime import CpuRuntime, apply_cpu_runtime
-from duo_common.default_models import ModelNotAvailableError, check_local_model, resolve_model
+from duo.common.cpu_runtime import CpuRuntime, apply_cpu_runtime
+from duo.common.default_models import ModelNotAvailableError, check_local_model, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
 
 def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_kernels: str = "auto") -> LoadedModel:
     """Load model and tokenizer from a hub id, a local folder or a ``builtin:`` name; eval mode, prepared
-    for ``cpu_kernels`` (``duo_common.cpu_runtime``)."""
+    for ``cpu_kernels`` (``duo.common.cpu_runtime``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_local_model(name)

@@ -2,7 +2,7 @@
 
 A verification pass multiplies 1 to 64 rows by every weight matrix of the target. torch's CPU kernels
 for 2-32 rows cost up to three times one row (they re-pack or re-read the weight on every call), which
-is what makes speculation slow on a CPU. ``duo_common._packed_gemm`` streams each weight once per call
+is what makes speculation slow on a CPU. ``duo.common._packed_gemm`` streams each weight once per call
 whatever the row count (see its source for the layout); ``PackedLinear`` holds the packed weight and
 calls it. Each output is summed in a fixed order, so a row's result does not depend on how many rows
 share the call (batch-invariant), unlike torch's kernels.
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 try:
-    from duo_common import _packed_gemm
+    from duo.common import _packed_gemm
 except ImportError:  # not built on this machine (setup.py builds it where it can)
     _packed_gemm = None
 
@@ -41,7 +41,7 @@ def instruction_sets() -> list[str]:
 def kernel_unavailable_reason() -> str | None:
     """None when the packed kernel can run here, else why not."""
     if _packed_gemm is None:
-        return "duo_common._packed_gemm was not built (no C compiler at install, or not x86-64 Linux)"
+        return "duo.common._packed_gemm was not built (no C compiler at install, or not x86-64 Linux)"
     if not instruction_sets():
         return "this CPU has neither AVX-512F nor AVX2 with FMA"
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from duo_common.errors import InvalidArgument
+from duo.common.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256

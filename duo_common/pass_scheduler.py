@@ -28,9 +28,9 @@ from typing import Callable, Generator, Hashable
 
 import torch
 
-from duo_common.batched_forward import NewTokens
-from duo_common.errors import Cancelled
-from duo_common.metrics import ServiceMetrics
+from duo.common.batched_forward import NewTokens
+from duo.common.errors import Cancelled
+from duo.common.metrics import ServiceMetrics
 
 GATHER_SHARE = 0.25  # a pass waits for returning sessions at most this share of the last pass's duration
 BACKGROUND_PASS_TOKENS = 16  # largest pass of background work alone

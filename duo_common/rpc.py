@@ -17,11 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from duo_common import keepalive
-from duo_common.errors import DuoError, StartupError
-from duo_common.interceptors import BearerTokenInterceptor, ErrorCountingInterceptor
-from duo_common.metrics import ServiceMetrics
-from duo_common.security import ServerTls
+from duo.common import keepalive
+from duo.common.errors import DuoError, StartupError
+from duo.common.interceptors import BearerTokenInterceptor, ErrorCountingInterceptor
+from duo.common.metrics import ServiceMetrics
+from duo.common.security import ServerTls
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from duo_common.params import DecodingParams
+from duo.common.params import DecodingParams
 
 
 def logits_to_probs(logits: torch.Tensor, params: DecodingParams) -> torch.Tensor:

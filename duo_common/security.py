@@ -3,7 +3,7 @@
 Servers take a certificate and key, and with a CA they require client certificates signed by it (mutual
 TLS). Channels take the CA that signed the server, and a client certificate for mutual TLS. A bearer
 token, when configured, travels as ``authorization: Bearer …`` call metadata and is checked by one server
-interceptor (``duo_common.interceptors``).
+interceptor (``duo.common.interceptors``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from duo_common import keepalive
-from duo_common.errors import InvalidArgument
+from duo.common import keepalive
+from duo.common.errors import InvalidArgument
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -74,7 +74,7 @@ class ChannelSecurity:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def channel(self, address: str, options: list[tuple] | None = None) -> grpc.Channel:
-        """A channel to ``address`` with these credentials, keepalive (``duo_common.keepalive``) and ``options``."""
+        """A channel to ``address`` with these credentials, keepalive (``duo.common.keepalive``) and ``options``."""
         options = [*keepalive.CLIENT_OPTIONS, *(options or [])]
         if not self.uses_tls:
             return grpc.insecure_channel(address, options=options)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import click
 
-from duo_common.budget import parse_budget
-from duo_common.errors import InvalidArgument, StartupError
-from duo_common.metrics import ServiceMetrics
-from duo_common.rpc import PortUnavailable, ServerOptions, ServiceServer
-from duo_common.security import ServerTls, read_token
+from duo.common.budget import parse_budget
+from duo.common.errors import InvalidArgument, StartupError
+from duo.common.metrics import ServiceMetrics
+from duo.common.rpc import PortUnavailable, ServerOptions, ServiceServer
+from duo.common.security import ServerTls, read_token
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -40,7 +40,7 @@ class ServeSettings:
     log_level: str
     metrics_port: int | None
     server: ServerOptions
-    max_batch_tokens: int = 256  # forward passes shared by sessions (duo_common.pass_scheduler)
+    max_batch_tokens: int = 256  # forward passes shared by sessions (duo.common.pass_scheduler)
     max_batch_sessions: int = 64
     parent_pid: int | None = None  # stop when this parent process is gone (embedded mode's children)
 
@@ -50,7 +50,7 @@ class ServeSettings:
 
 def budget_option(ctx, param, value: str) -> int | None:
     """A click callback for a draft-budget flag: ``auto`` → None (the latency-aware controller), else a number
-    of draft tokens (``duo_common.budget.parse_budget``)."""
+    of draft tokens (``duo.common.budget.parse_budget``)."""
     try:
         return parse_budget(value)
     except ValueError as exc:

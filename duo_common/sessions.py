@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Callable, Iterator
 
-from duo_common.errors import ResourceExhausted
+from duo.common.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
-from duo_common.params import StoppingParams
+from duo.common.params import StoppingParams
 
 
 class FinishReason(str, enum.Enum):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duo_common.errors import InvalidArgument
+from duo.common.errors import InvalidArgument
 
 ROOT = -1
 

@@ -14,9 +14,9 @@ import logging
 
 import torch
 
-from duo_common.kv_cache import cache_argument, new_cache
-from duo_common.models import output_vocab_size
-from duo_common.tree import TokenTree
+from duo.common.kv_cache import cache_argument, new_cache
+from duo.common.models import output_vocab_size
+from duo.common.tree import TokenTree
 
 log = logging.getLogger(__name__)
 

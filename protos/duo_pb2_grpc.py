@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import duo_pb2 as protos_dot_duo__pb2
+from duo.protos import duo_pb2 as duo_dot_protos_dot_duo__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/duo_pb2_grpc.py depends on'
+        + ' but the generated code in duo/protos/duo_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,13 +40,13 @@ class VerifierStub:
         """
         self.Verify = channel.stream_stream(
                 '/duo.v1.Verifier/Verify',
-                request_serializer=protos_dot_duo__pb2.VerifyRequest.SerializeToString,
-                response_deserializer=protos_dot_duo__pb2.VerifyResponse.FromString,
+                request_serializer=duo_dot_protos_dot_duo__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=duo_dot_protos_dot_duo__pb2.VerifyResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/duo.v1.Verifier/GetModelInfo',
-                request_serializer=protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_duo__pb2.ModelInfo.FromString,
+                request_serializer=duo_dot_protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=duo_dot_protos_dot_duo__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -77,13 +77,13 @@ def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Verify': grpc.stream_stream_rpc_method_handler(
                     servicer.Verify,
-                    request_deserializer=protos_dot_duo__pb2.VerifyRequest.FromString,
-                    response_serializer=protos_dot_duo__pb2.VerifyResponse.SerializeToString,
+                    request_deserializer=duo_dot_protos_dot_duo__pb2.VerifyRequest.FromString,
+                    response_serializer=duo_dot_protos_dot_duo__pb2.VerifyResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_duo__pb2.ModelInfoRequest.FromString,
-                    response_serializer=protos_dot_duo__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=duo_dot_protos_dot_duo__pb2.ModelInfoRequest.FromString,
+                    response_serializer=duo_dot_protos_dot_duo__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -115,8 +115,8 @@ class Verifier:
             request_iterator,
             target,
             '/duo.v1.Verifier/Verify',
-            protos_dot_duo__pb2.VerifyRequest.SerializeToString,
-            protos_dot_duo__pb2.VerifyResponse.FromString,
+            duo_dot_protos_dot_duo__pb2.VerifyRequest.SerializeToString,
+            duo_dot_protos_dot_duo__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -142,8 +142,8 @@ class Verifier:
             request,
             target,
             '/duo.v1.Verifier/GetModelInfo',
-            protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
-            protos_dot_duo__pb2.ModelInfo.FromString,
+            duo_dot_protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
+            duo_dot_protos_dot_duo__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -169,18 +169,18 @@ class DrafterStub:
         """
         self.Session = channel.stream_stream(
                 '/duo.v1.Drafter/Session',
-                request_serializer=protos_dot_duo__pb2.SessionRequest.SerializeToString,
-                response_deserializer=protos_dot_duo__pb2.GenerateEvent.FromString,
+                request_serializer=duo_dot_protos_dot_duo__pb2.SessionRequest.SerializeToString,
+                response_deserializer=duo_dot_protos_dot_duo__pb2.GenerateEvent.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/duo.v1.Drafter/Generate',
-                request_serializer=protos_dot_duo__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_duo__pb2.GenerateEvent.FromString,
+                request_serializer=duo_dot_protos_dot_duo__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=duo_dot_protos_dot_duo__pb2.GenerateEvent.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/duo.v1.Drafter/GetModelInfo',
-                request_serializer=protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_duo__pb2.ModelInfo.FromString,
+                request_serializer=duo_dot_protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=duo_dot_protos_dot_duo__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -217,18 +217,18 @@ def add_DrafterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
-                    request_deserializer=protos_dot_duo__pb2.SessionRequest.FromString,
-                    response_serializer=protos_dot_duo__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=duo_dot_protos_dot_duo__pb2.SessionRequest.FromString,
+                    response_serializer=duo_dot_protos_dot_duo__pb2.GenerateEvent.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_duo__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_duo__pb2.GenerateEvent.SerializeToString,
+                    request_deserializer=duo_dot_protos_dot_duo__pb2.GenerateRequest.FromString,
+                    response_serializer=duo_dot_protos_dot_duo__pb2.GenerateEvent.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_duo__pb2.ModelInfoRequest.FromString,
-                    response_serializer=protos_dot_duo__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=duo_dot_protos_dot_duo__pb2.ModelInfoRequest.FromString,
+                    response_serializer=duo_dot_protos_dot_duo__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,8 +259,8 @@ class Drafter:
             request_iterator,
             target,
             '/duo.v1.Drafter/Session',
-            protos_dot_duo__pb2.SessionRequest.SerializeToString,
-            protos_dot_duo__pb2.GenerateEvent.FromString,
+            duo_dot_protos_dot_duo__pb2.SessionRequest.SerializeToString,
+            duo_dot_protos_dot_duo__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,8 +286,8 @@ class Drafter:
             request,
             target,
             '/duo.v1.Drafter/Generate',
-            protos_dot_duo__pb2.GenerateRequest.SerializeToString,
-            protos_dot_duo__pb2.GenerateEvent.FromString,
+            duo_dot_protos_dot_duo__pb2.GenerateRequest.SerializeToString,
+            duo_dot_protos_dot_duo__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -313,8 +313,8 @@ class Drafter:
             request,
             target,
             '/duo.v1.Drafter/GetModelInfo',
-            protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
-            protos_dot_duo__pb2.ModelInfo.FromString,
+            duo_dot_protos_dot_duo__pb2.ModelInfoRequest.SerializeToString,
+            duo_dot_protos_dot_duo__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

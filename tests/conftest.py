@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from duo_common.packed_linear import kernel_unavailable_reason
+from duo.common.packed_linear import kernel_unavailable_reason
 from tests.inprocess import running_pair
 from tests.tiny_models import save_pair
 

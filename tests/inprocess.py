@@ -6,21 +6,21 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from draft_service.http_api import build_app
-from draft_service.http_server import HttpServer
-from draft_service.readiness import ServingState
-from draft_service.servicer import DrafterServicer
-from draft_service.session_factory import DrafterConfig
-from duo_common.models import load_causal_lm
-from duo_common.packed_linear import kernel_unavailable_reason
-from duo_common.metrics import ServiceMetrics
-from duo_common.rpc import ServerOptions, ServiceServer
-from duo_common.security import ChannelSecurity
-from duo_common.sessions import SessionRegistry
-from protos import duo_pb2_grpc
-from verify_service.engine import TargetVerifier
-from verify_service.scheduler import VerifyScheduler
-from verify_service.servicer import VerifierServicer
+from duo.draft_service.http_api import build_app
+from duo.draft_service.http_server import HttpServer
+from duo.draft_service.readiness import ServingState
+from duo.draft_service.servicer import DrafterServicer
+from duo.draft_service.session_factory import DrafterConfig
+from duo.common.models import load_causal_lm
+from duo.common.packed_linear import kernel_unavailable_reason
+from duo.common.metrics import ServiceMetrics
+from duo.common.rpc import ServerOptions, ServiceServer
+from duo.common.security import ChannelSecurity
+from duo.common.sessions import SessionRegistry
+from duo.protos import duo_pb2_grpc
+from duo.verify_service.engine import TargetVerifier
+from duo.verify_service.scheduler import VerifyScheduler
+from duo.verify_service.servicer import VerifierServicer
 
 
 # The CPU runtime the in-process services use unless a test says otherwise: duo's packed kernels where they

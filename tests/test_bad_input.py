@@ -7,14 +7,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common import codec, rpc
-from duo_common.errors import InvalidArgument
-from duo_common.rpc import ServerOptions
-from duo_common.sessions import SessionRegistry
-from duo_common.params import StoppingParams
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common import codec, rpc
+from duo.common.errors import InvalidArgument
+from duo.common.rpc import ServerOptions
+from duo.common.sessions import SessionRegistry
+from duo.common.params import StoppingParams
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import running_pair, verify_server
 from tests.polling import eventually
 from tests.tiny_models import VOCAB_SIZE, save_pair, word_tokenizer
@@ -219,7 +219,7 @@ def test_incompatible_tokenizers_are_refused_before_drafting(tmp_path):
 
 
 def test_service_limits_on_prompt_and_new_tokens_are_enforced(tmp_path):
-    from draft_service.servicer import DrafterConfig
+    from duo.draft_service.servicer import DrafterConfig
 
     pair = save_pair(tmp_path, "llama")
     config = DrafterConfig(max_new_tokens_limit=16, max_prompt_tokens=4)

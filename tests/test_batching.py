@@ -18,26 +18,26 @@ import grpc
 import pytest
 import torch
 
-from duo_common.budget import AdaptiveBudget, BudgetModel, ControllerConfig
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from draft_service.tree_drafter import TreeDrafter
-from duo_common import batched_forward
-from duo_common.batched_forward import NewTokens
-from duo_common.cpu_runtime import apply_cpu_runtime
-from duo_common.errors import Cancelled, ResourceExhausted
-from duo_common.events import RoundTimings
-from duo_common.kv_cache import new_cache
-from duo_common.metrics import ServiceMetrics
-from duo_common.packed_linear import kernel_unavailable_reason
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.pass_scheduler import PassScheduler, sequences_in_pass
-from duo_common.tree import TokenTree
-from duo_common.tree_attention import tree_layout
+from duo.common.budget import AdaptiveBudget, BudgetModel, ControllerConfig
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.draft_service.tree_drafter import TreeDrafter
+from duo.common import batched_forward
+from duo.common.batched_forward import NewTokens
+from duo.common.cpu_runtime import apply_cpu_runtime
+from duo.common.errors import Cancelled, ResourceExhausted
+from duo.common.events import RoundTimings
+from duo.common.kv_cache import new_cache
+from duo.common.metrics import ServiceMetrics
+from duo.common.packed_linear import kernel_unavailable_reason
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.pass_scheduler import PassScheduler, sequences_in_pass
+from duo.common.tree import TokenTree
+from duo.common.tree_attention import tree_layout
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import build_model, reference_greedy
-from verify_service.engine import TargetVerifier
-from verify_service.kv_budget import bytes_per_position, default_kv_cache_tokens, free_memory_bytes
-from verify_service.scheduler import VerifyScheduler
+from duo.verify_service.engine import TargetVerifier
+from duo.verify_service.kv_budget import bytes_per_position, default_kv_cache_tokens, free_memory_bytes
+from duo.verify_service.scheduler import VerifyScheduler
 
 needs_packed = pytest.mark.skipif(kernel_unavailable_reason() is not None,
                                   reason=f"packed kernel: {kernel_unavailable_reason()}")
@@ -106,7 +106,7 @@ def test_a_prompt_prefilled_in_chunks_matches_it_prefilled_whole():
 
 
 def load_model_info(model):
-    from duo_common.models import LoadedModel, ModelInfo
+    from duo.common.models import LoadedModel, ModelInfo
 
     return LoadedModel(model, None, ModelInfo("tiny", model.config.vocab_size, "x", (2,), 256, "cpu", "float32"))
 

@@ -1,6 +1,6 @@
 """``duo-client bench``'s report: speed against the faster HF generate, identity against the float32 one."""
 
-from client.bench import Run, format_table, summarise
+from duo.client.bench import Run, format_table, summarise
 
 
 def run(system: str, prompt: int, tokens: list[int], seconds: float) -> Run:

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from duo_common.budget import AdaptiveBudget, BudgetModel, ControllerConfig, SharedEstimates
-from duo_common.events import RoundTimings
+from duo.common.budget import AdaptiveBudget, BudgetModel, ControllerConfig, SharedEstimates
+from duo.common.events import RoundTimings
 
 
 def model(verify_base_s=0.080, verify_s_per_node=0.001, acceptance=0.8, **overrides):

@@ -9,15 +9,15 @@ import pytest
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-from client.cli import main
-from draft_service import prompts
-from draft_service.prompts import PromptEncoder
-from duo_common import codec
-from duo_common.errors import InvalidArgument
-from duo_common.events import FinishedEvent
-from duo_common.generation_spec import ChatMessage, ChatRole
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.cli import main
+from duo.draft_service import prompts
+from duo.draft_service.prompts import PromptEncoder
+from duo.common import codec
+from duo.common.errors import InvalidArgument
+from duo.common.events import FinishedEvent
+from duo.common.generation_spec import ChatMessage, ChatRole
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import running_pair
 from tests.tiny_models import CHAT_TEMPLATE, DEFAULT_EOS, reference_greedy, save_pair, word_tokenizer
 

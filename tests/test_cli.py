@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from client.cli import main
-from duo_common.budget import parse_budget
+from duo.client.cli import main
+from duo.common.budget import parse_budget
 
 PROMPT = "The capital of France is"
 
@@ -36,8 +36,8 @@ def test_budget_parsing():
     assert parse_budget("6") == 6
 
 
-@pytest.mark.parametrize("command, name", [("client.cli", "duo-client"), ("draft_service.cli", "duo-draft"),
-                                           ("verify_service.cli", "duo-verify")])
+@pytest.mark.parametrize("command, name", [("duo.client.cli", "duo-client"), ("duo.draft_service.cli", "duo-draft"),
+                                           ("duo.verify_service.cli", "duo-verify")])
 def test_every_cli_tells_its_version(command, name):
     cli = importlib.import_module(command).main
     result = CliRunner().invoke(cli, ["--version"])
@@ -65,7 +65,7 @@ def test_remote_mode_checks_the_named_verifier_before_generating(tmp_path):
 
 
 def run_cli(*args, stdin=None):
-    completed = subprocess.run([sys.executable, "-m", "client.cli", "generate", *args], input=stdin,
+    completed = subprocess.run([sys.executable, "-m", "duo.client.cli", "generate", *args], input=stdin,
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
@@ -76,7 +76,7 @@ def target_reference():
     """HF greedy generate of the default target alone: 48 new tokens after PROMPT."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from duo_common.default_models import default_target_dir
+    from duo.common.default_models import default_target_dir
 
     path = default_target_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)

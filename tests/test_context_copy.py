@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draft_service.context_copy import MAX_MATCH, ContextCopy, Copy
-from draft_service.draft_tree import CalibratedProbability
-from draft_service.tree_drafter import TreeDrafter
-from duo_common.params import DecodingParams
+from duo.draft_service.context_copy import MAX_MATCH, ContextCopy, Copy
+from duo.draft_service.draft_tree import CalibratedProbability
+from duo.draft_service.tree_drafter import TreeDrafter
+from duo.common.params import DecodingParams
 from tests.tiny_models import VOCAB_SIZE, build_model
 
 

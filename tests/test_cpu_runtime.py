@@ -1,4 +1,4 @@
-"""The CPU runtime (duo_common.cpu_runtime): the packed few-row matrix kernel, grouped-query attention and
+"""The CPU runtime (duo.common.cpu_runtime): the packed few-row matrix kernel, grouped-query attention and
 the in-place KV cache compute what transformers' own path computes, and choosing them is explicit."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from duo_common import tree_attention
-from duo_common.cpu_runtime import (
+from duo.common import tree_attention
+from duo.common.cpu_runtime import (
     SHORT_QUERY_TOKENS, RuntimeUnavailableError, apply_cpu_runtime, grouped_query_attention,
 )
-from duo_common.kv_cache import GrowableLayer, new_cache
-from duo_common.models import select_cache_positions, truncate_cache
-from duo_common.packed_linear import (
+from duo.common.kv_cache import GrowableLayer, new_cache
+from duo.common.models import select_cache_positions, truncate_cache
+from duo.common.packed_linear import (
     FORMAT_BF16, FORMAT_F32, FORMAT_I8_BLOCKS, PackedLinear, PackedWeight, exact_int8_blocks, instruction_sets,
     kernel_unavailable_reason, pack_weight, to_panels, use_threads,
 )
-from duo_common.tree import TokenTree
+from duo.common.tree import TokenTree
 from tests.tiny_models import build_model
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable_reason() is not None,
@@ -218,9 +218,9 @@ def test_lean_forward_gives_the_packed_modules_logits_bit_for_bit():
     """Fused projections and the plain layer loop change nothing: chains, trees (4D mask and positions),
     the last position only, and a call without a cache all equal transformers' modules on packed layers
     (with transformers' own operations between the products; the C ones are tests/test_decoder_ops.py's)."""
-    from duo_common.cpu_runtime import _use_grouped_query_attention
-    from duo_common.packed_linear import pack_linear_layers
-    from duo_common.tree_attention import tree_attention_inputs
+    from duo.common.cpu_runtime import _use_grouped_query_attention
+    from duo.common.packed_linear import pack_linear_layers
+    from duo.common.tree_attention import tree_attention_inputs
 
     modules = build_model("llama")
     _use_grouped_query_attention(modules)

@@ -1,4 +1,4 @@
-"""The C operations between a decoder layer's products (duo_common.decoder_ops) compute what transformers'
+"""The C operations between a decoder layer's products (duo.common.decoder_ops) compute what transformers'
 Llama code computes, each row from that row alone; the lean forward pass built on them keeps trees exact
 and greedy output unchanged."""
 
@@ -13,16 +13,16 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward,
 )
 
-from duo_common import decoder_ops
-from duo_common.cpu_runtime import apply_cpu_runtime
-from duo_common.kv_cache import new_cache
-from duo_common.packed_linear import kernel_unavailable_reason
-from duo_common.tree import TokenTree
-from duo_common.tree_attention import sequential_logits, tree_logits
+from duo.common import decoder_ops
+from duo.common.cpu_runtime import apply_cpu_runtime
+from duo.common.kv_cache import new_cache
+from duo.common.packed_linear import kernel_unavailable_reason
+from duo.common.tree import TokenTree
+from duo.common.tree_attention import sequential_logits, tree_logits
 from tests.test_cpu_runtime import cpu_flags, greedy
 from tests.tiny_models import build_model
 
-needs_ops = pytest.mark.skipif(not decoder_ops.available(), reason="duo_common._decoder_ops not built or no AVX2")
+needs_ops = pytest.mark.skipif(not decoder_ops.available(), reason="duo.common._decoder_ops not built or no AVX2")
 
 
 def test_decoder_ops_are_built_where_they_can_run():

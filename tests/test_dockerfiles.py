@@ -185,8 +185,7 @@ def test_dockerignore_keeps_the_package_sources():
     patterns = {line.strip().rstrip("/") for line in path.read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
     assert ".git" in patterns
-    needed = {"pyproject.toml", "README.md", *PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
-    needed = {n.rstrip("*") for n in needed}
+    needed = {"pyproject.toml", "setup.py", "README.md", *PYPROJECT["tool"]["setuptools"]["package-dir"].values()}
     excluded = {p for p in patterns if not p.startswith("!")}
     assert not (needed & excluded), f".dockerignore drops what `pip install .` needs: {needed & excluded}"
     assert "*" not in excluded and "**" not in excluded

@@ -9,15 +9,15 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from draft_service.readiness import follow_verifier
-from draft_service.servicer import DrafterConfig
-from duo_common.resume import ResumePolicy
-from duo_common import codec
-from duo_common.errors import Unavailable
-from duo_common.rpc import ServiceServer, translate_errors
+from duo.draft_service.readiness import follow_verifier
+from duo.draft_service.servicer import DrafterConfig
+from duo.common.resume import ResumePolicy
+from duo.common import codec
+from duo.common.errors import Unavailable
+from duo.common.rpc import ServiceServer, translate_errors
 
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.polling import eventually
 from tests.tiny_models import reference_greedy, save_pair

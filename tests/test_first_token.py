@@ -4,21 +4,21 @@ went (draft service, verifier queue, prefill, links), as the session stats and t
 import grpc
 import pytest
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from draft_service.servicer import DrafterConfig
-from draft_service.speculation import SessionPlan, SpeculativeSession
-from draft_service.target_info import TargetInfoCache
-from draft_service.verifier_link import PrefillReply, VerdictReply
-from duo_common.errors import Cancelled
-from duo_common.models import ModelInfo
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.stopping import StopChecker
-from duo_common.tree import TokenTree
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.draft_service.servicer import DrafterConfig
+from duo.draft_service.speculation import SessionPlan, SpeculativeSession
+from duo.draft_service.target_info import TargetInfoCache
+from duo.draft_service.verifier_link import PrefillReply, VerdictReply
+from duo.common.errors import Cancelled
+from duo.common.models import ModelInfo
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.stopping import StopChecker
+from duo.common.tree import TokenTree
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import reference_greedy, save_pair, word_tokenizer
-from verify_service.servicer import VerifierServicer
+from duo.verify_service.servicer import VerifierServicer
 
 READY, IDLE, CONNECTING = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE,
                            grpc.ChannelConnectivity.CONNECTING)

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import running_pair
 from tests.polling import eventually
 from tests.tiny_models import VOCAB_SIZE, save_pair

@@ -5,9 +5,9 @@ generation can end (EOS inside a draft, stop strings, max_new_tokens)."""
 import grpc
 import pytest
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.params import StoppingParams
-from duo_common.stopping import FinishReason
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.params import StoppingParams
+from duo.common.stopping import FinishReason
 from tests.inprocess import running_pair
 from tests.tiny_models import reference_greedy, save_pair, word_tokenizer
 

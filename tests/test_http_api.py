@@ -19,15 +19,15 @@ import pytest
 from openai import OpenAI
 from transformers import AutoTokenizer
 
-from draft_service.http_api import build_app
-from draft_service.http_server import HttpServer
-from draft_service.readiness import ServingState
-from draft_service.session_factory import DrafterConfig, SessionFactory
-from duo_common.rpc import ServerOptions
-from duo_common.security import ServerTls
-from duo_common.sessions import SessionRegistry
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.draft_service.http_api import build_app
+from duo.draft_service.http_server import HttpServer
+from duo.draft_service.readiness import ServingState
+from duo.draft_service.session_factory import DrafterConfig, SessionFactory
+from duo.common.rpc import ServerOptions
+from duo.common.security import ServerTls
+from duo.common.sessions import SessionRegistry
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.certs import make_certs
 from tests.inprocess import running_pair, verify_server
 from tests.polling import eventually
@@ -207,7 +207,7 @@ def test_bad_values_and_unknown_models_get_their_status(services, client, model)
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_the_session_on_both_services(services, client, model, caplog):
-    caplog.set_level(logging.INFO, logger="draft_service.session_factory")
+    caplog.set_level(logging.INFO, logger="duo.draft_service.session_factory")
     stream = client.completions.create(model=model, prompt=PROMPT_IDS, temperature=0, max_tokens=1900, stream=True,
                                        extra_body={"ignore_eos": True})  # seconds of work, were it left to run
     received = [next(stream) for _ in range(3)]
@@ -314,7 +314,7 @@ def test_duo_draft_serve_with_an_http_port_serves_the_api_and_stops_with_the_ser
         http_port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{http_port}/v1"
     with verify_server(pair.target_dir) as (verify_addr, _):
-        draft, draft_addr = start("draft_service.cli", [
+        draft, draft_addr = start("duo.draft_service.cli", [
             "--model", str(pair.draft_dir), "--verify-addr", verify_addr, "--threads", "1",
             "--http-port", str(http_port), "--auth-token-file", str(token_file)], tmp_path, "draft")
         try:

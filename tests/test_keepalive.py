@@ -8,10 +8,10 @@ import time
 
 import grpc
 
-from duo_common import keepalive
-from duo_common.security import ChannelSecurity
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.common import keepalive
+from duo.common.security import ChannelSecurity
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import verify_server
 from tests.polling import eventually
 from tests.tiny_models import save_pair

@@ -19,11 +19,11 @@ import grpc
 import pytest
 import torch
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.acceptance import accept_sampled
-from duo_common.params import DecodingParams, StoppingParams
-from duo_common.sampling import derived_seed, logits_to_probs, without_tokens
-from duo_common.tree import ROOT, TokenTree
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.acceptance import accept_sampled
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.sampling import derived_seed, logits_to_probs, without_tokens
+from duo.common.tree import ROOT, TokenTree
 from tests.inprocess import running_pair
 from tests.tiny_models import build_model, perturbed_copy, reference_greedy, word_tokenizer
 

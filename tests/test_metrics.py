@@ -5,11 +5,11 @@ import urllib.request
 import grpc
 import pytest
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.metrics import ServiceMetrics
-from duo_common.params import StoppingParams
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.metrics import ServiceMetrics
+from duo.common.params import StoppingParams
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import save_pair
 

@@ -26,7 +26,7 @@ def long_pair(tmp_path_factory):
                          ids=lambda signum: signum.name)
 def test_children_do_not_outlive_the_client(long_pair, signum):
     client = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "generate", "--target-model", str(long_pair.target_dir),
+        [sys.executable, "-m", "duo.client.cli", "generate", "--target-model", str(long_pair.target_dir),
          "--draft-model", str(long_pair.draft_dir), "--verify-threads", "1", "--max-new-tokens", str(LONG),
          "--ignore-eos", "w1 w2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -9,9 +9,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from client import bench
-from client.cli import main
-from duo_common.rpc import PortUnavailable, ServiceServer
+from duo.client import bench
+from duo.client.cli import main
+from duo.common.rpc import PortUnavailable, ServiceServer
 from tests.inprocess import running_pair
 from tests.tiny_models import save_pair
 
@@ -67,7 +67,7 @@ def test_a_hub_id_offline_is_the_one_line_the_child_service_failed_with(tiny_pai
 def test_a_service_that_cannot_start_says_why_in_one_line(tiny_pair, taken_port, case):
     port, model = (taken_port, tiny_pair.target_dir) if case == "port taken" else (0, "/nope")
     completed = subprocess.run(
-        [sys.executable, "-m", "verify_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "duo.verify_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--model", str(model), "--device", "cpu", "--log-level", "warning"],
         capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1

@@ -3,12 +3,12 @@ asks for, what is refused (by name), and the shapes and statuses that go back.""
 
 import pytest
 
-from draft_service import openai_codec
-from draft_service.openai_codec import ApiError, InvalidField, ResponseHead
-from duo_common.errors import InvalidArgument, ResourceExhausted, Unavailable, UpstreamError
-from duo_common.events import BudgetSource, FinishedEvent, SessionStats
-from duo_common.generation_spec import ChatMessage, ChatPrompt, ChatRole, TextPrompt, TokenIdsPrompt
-from duo_common.stopping import FinishReason
+from duo.draft_service import openai_codec
+from duo.draft_service.openai_codec import ApiError, InvalidField, ResponseHead
+from duo.common.errors import InvalidArgument, ResourceExhausted, Unavailable, UpstreamError
+from duo.common.events import BudgetSource, FinishedEvent, SessionStats
+from duo.common.generation_spec import ChatMessage, ChatPrompt, ChatRole, TextPrompt, TokenIdsPrompt
+from duo.common.stopping import FinishReason
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

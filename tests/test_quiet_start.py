@@ -13,7 +13,7 @@ from tests.tiny_models import save_pair
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_the_verify_service_starts_without_warnings(tmp_path, arch, kernels):
     pair = save_pair(tmp_path, arch)
-    process, address = start("verify_service.cli", ["--model", str(pair.target_dir), "--device", "cpu",
+    process, address = start("duo.verify_service.cli", ["--model", str(pair.target_dir), "--device", "cpu",
                                                     "--threads", "1", "--cpu-kernels", kernels], tmp_path, "verify")
     try:
         wait_serving(address)  # the model is loaded and its tree-attention self-check has run

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from draft_service.cli import serve as draft_serve
-from verify_service.cli import serve as verify_serve
+from duo.draft_service.cli import serve as draft_serve
+from duo.verify_service.cli import serve as verify_serve
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

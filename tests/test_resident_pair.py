@@ -10,9 +10,9 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-import client.cli
-from client import resident
-from client.cli import main
+import duo.client.cli
+from duo.client import resident
+from duo.client.cli import main
 from tests.polling import eventually
 from tests.processes import HAS_PROC, running
 from tests.tiny_models import save_pair

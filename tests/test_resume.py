@@ -4,14 +4,14 @@ orchestrator does it on its own when its draft service dies mid-generation and c
 
 import grpc
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common import codec
-from duo_common.events import FinishedEvent
-from duo_common.params import StoppingParams
-from duo_common.resume import ResumePolicy
-from duo_common.stopping import FinishReason
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common import codec
+from duo.common.events import FinishedEvent
+from duo.common.params import StoppingParams
+from duo.common.resume import ResumePolicy
+from duo.common.stopping import FinishReason
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import reference_greedy, save_pair, word_tokenizer
 

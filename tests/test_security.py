@@ -4,10 +4,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo_common.params import StoppingParams
-from duo_common.rpc import ServerOptions
-from duo_common.security import ChannelSecurity, ServerTls
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.params import StoppingParams
+from duo.common.rpc import ServerOptions
+from duo.common.security import ChannelSecurity, ServerTls
 from tests.certs import make_certs
 from tests.inprocess import draft_server, verify_server
 from tests.tiny_models import reference_greedy, save_pair
@@ -66,7 +66,7 @@ def test_verifier_refuses_a_drafter_without_client_certificate(secure_pair):
     certs, _, _, verify_addr = secure_pair
     with ChannelSecurity(certs.ca, token=TOKEN).channel(verify_addr) as channel:
         with pytest.raises(grpc.RpcError) as caught:
-            from protos import duo_pb2, duo_pb2_grpc
+            from duo.protos import duo_pb2, duo_pb2_grpc
 
             duo_pb2_grpc.VerifierStub(channel).GetModelInfo(duo_pb2.ModelInfoRequest(), timeout=10,
                                                            metadata=(("authorization", f"Bearer {TOKEN}"),))

@@ -5,15 +5,15 @@ Whoever steers, the output is the target's own."""
 import grpc
 import pytest
 
-from client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from draft_service.session_budget import SessionBudget
-from duo_common import codec
-from duo_common.budget import AdaptiveBudget, ControllerConfig
-from duo_common.errors import InvalidArgument
-from duo_common.events import BudgetSource, FinishedEvent, RoundTimings
-from duo_common.params import StoppingParams
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.draft_service.session_budget import SessionBudget
+from duo.common import codec
+from duo.common.budget import AdaptiveBudget, ControllerConfig
+from duo.common.errors import InvalidArgument
+from duo.common.events import BudgetSource, FinishedEvent, RoundTimings
+from duo.common.params import StoppingParams
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.tiny_models import reference_greedy
 
 PROMPT = [1, 5, 9, 20]

@@ -9,8 +9,8 @@ import time
 import grpc
 import pytest
 
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
 from tests.tiny_models import save_pair
 
 LONG = 2000  # tokens: long enough to still be running when SIGTERM arrives
@@ -49,9 +49,9 @@ def wait_serving(address):
 @pytest.fixture
 def services(tmp_path):
     pair = save_pair(tmp_path, "llama", context=LONG + 64)
-    verify, verify_addr = start("verify_service.cli", ["--model", str(pair.target_dir), "--device", "cpu",
+    verify, verify_addr = start("duo.verify_service.cli", ["--model", str(pair.target_dir), "--device", "cpu",
                                                        "--threads", "1"], tmp_path, "verify")
-    draft, draft_addr = start("draft_service.cli", ["--model", str(pair.draft_dir), "--verify-addr", verify_addr,
+    draft, draft_addr = start("duo.draft_service.cli", ["--model", str(pair.draft_dir), "--verify-addr", verify_addr,
                                                     "--threads", "1"], tmp_path, "draft")
     try:
         wait_serving(verify_addr)

@@ -1,7 +1,7 @@
 """StopChecker: exact ends, and streamed text that never has to be taken back."""
 
-from duo_common.params import StoppingParams
-from duo_common.stopping import FinishReason, StopChecker
+from duo.common.params import StoppingParams
+from duo.common.stopping import FinishReason, StopChecker
 
 WORDS = {1: "Hello", 2: ",", 3: " wor", 4: "ld", 5: "!", 6: " END", 7: "\ufffd"}
 EOS = 9

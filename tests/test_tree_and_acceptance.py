@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-from duo_common.acceptance import accept_greedy, accept_sampled
-from duo_common.errors import InvalidArgument
-from duo_common.params import DecodingParams
-from duo_common.sampling import logits_to_probs
-from duo_common.tree import TokenTree
+from duo.common.acceptance import accept_greedy, accept_sampled
+from duo.common.errors import InvalidArgument
+from duo.common.params import DecodingParams
+from duo.common.sampling import logits_to_probs
+from duo.common.tree import TokenTree
 
 
 def one_hot_logits(tokens, vocab=10):

@@ -4,13 +4,13 @@ root-to-node path on its own; a model that cannot take the mask is detected and 
 import pytest
 import torch
 
-from duo_common.errors import InvalidArgument
-from duo_common.models import LoadedModel, ModelInfo
-from duo_common.params import DecodingParams
-from duo_common.tree import TokenTree
-from duo_common.tree_attention import sequential_logits, supports_tree_attention, tree_logits
+from duo.common.errors import InvalidArgument
+from duo.common.models import LoadedModel, ModelInfo
+from duo.common.params import DecodingParams
+from duo.common.tree import TokenTree
+from duo.common.tree_attention import sequential_logits, supports_tree_attention, tree_logits
 from tests.tiny_models import VOCAB_SIZE, build_model
-from verify_service.engine import TargetVerifier
+from duo.verify_service.engine import TargetVerifier
 
 #  root ─ 4 ─ 6 ─ 9
 #       │   └ 7

@@ -6,17 +6,17 @@ import logging
 
 import click
 
-from duo_common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
-from duo_common.default_models import DEFAULT_TARGET
-from duo_common.metrics import ServiceMetrics
-from duo_common.models import load_causal_lm
-from duo_common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
-from duo_common.sessions import SessionRegistry
-from protos import duo_pb2_grpc
-from verify_service.engine import TargetVerifier
-from verify_service.kv_budget import default_kv_cache_tokens
-from verify_service.scheduler import VerifyScheduler
-from verify_service.servicer import VerifierServicer
+from duo.common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
+from duo.common.default_models import DEFAULT_TARGET
+from duo.common.metrics import ServiceMetrics
+from duo.common.models import load_causal_lm
+from duo.common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
+from duo.common.sessions import SessionRegistry
+from duo.protos import duo_pb2_grpc
+from duo.verify_service.engine import TargetVerifier
+from duo.verify_service.kv_budget import default_kv_cache_tokens
+from duo.verify_service.scheduler import VerifyScheduler
+from duo.verify_service.servicer import VerifierServicer
 
 log = logging.getLogger("duo.verify")
 

@@ -8,7 +8,7 @@ keeps the pending token and the accepted path only.
 
 Prefills and verifications are *jobs*: generators that validate their input when first advanced, yield
 the tokens they need scored (``NewTokens``; a prompt in chunks of ``prefill_chunk_tokens``) and receive
-each pass's logits, then return their outcome. The scheduler (``verify_service.scheduler``) runs the
+each pass's logits, then return their outcome. The scheduler (``duo.verify_service.scheduler``) runs the
 waiting jobs of many sessions in one pass; ``open`` and ``verify`` run one job alone (tests, tools).
 """
 
@@ -22,18 +22,18 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
-from duo_common import batched_forward
-from duo_common.acceptance import Acceptance, accept_greedy, accept_sampled
-from duo_common.batched_forward import NewTokens
-from duo_common.decoder_ops import SHORT_QUERY_TOKENS
-from duo_common.errors import InvalidArgument, ResourceExhausted
-from duo_common.kv_cache import new_cache
-from duo_common.models import LoadedModel, select_cache_positions, truncate_cache
-from duo_common.params import DecodingParams
-from duo_common.pass_scheduler import Job, Scored
-from duo_common.sampling import logits_to_probs, make_generator, sample
-from duo_common.tree import TokenTree
-from duo_common.tree_attention import supports_tree_attention, tree_layout
+from duo.common import batched_forward
+from duo.common.acceptance import Acceptance, accept_greedy, accept_sampled
+from duo.common.batched_forward import NewTokens
+from duo.common.decoder_ops import SHORT_QUERY_TOKENS
+from duo.common.errors import InvalidArgument, ResourceExhausted
+from duo.common.kv_cache import new_cache
+from duo.common.models import LoadedModel, select_cache_positions, truncate_cache
+from duo.common.params import DecodingParams
+from duo.common.pass_scheduler import Job, Scored
+from duo.common.sampling import logits_to_probs, make_generator, sample
+from duo.common.tree import TokenTree
+from duo.common.tree_attention import supports_tree_attention, tree_layout
 
 
 @dataclass(eq=False)

@@ -1,15 +1,15 @@
 """The verify service's continuous batching: every session's prefill chunks and proposals, many per forward
-pass of the target (``duo_common.pass_scheduler``), as the engine's jobs (``TargetVerifier.prefill_job``,
+pass of the target (``duo.common.pass_scheduler``), as the engine's jobs (``TargetVerifier.prefill_job``,
 ``verify_job``)."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from duo_common.metrics import ServiceMetrics
-from duo_common.pass_scheduler import PassScheduler
-from duo_common.tree import TokenTree
-from verify_service.engine import Prefill, TargetSession, TargetVerifier, VerifyOutcome
+from duo.common.metrics import ServiceMetrics
+from duo.common.pass_scheduler import PassScheduler
+from duo.common.tree import TokenTree
+from duo.verify_service.engine import Prefill, TargetSession, TargetVerifier, VerifyOutcome
 
 
 class VerifyScheduler(PassScheduler):

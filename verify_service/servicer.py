@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 
-from duo_common import codec
-from duo_common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from duo_common.metrics import ServiceMetrics
-from duo_common.rpc import translate_errors
-from duo_common.sessions import Lease, SessionRegistry
-from protos import duo_pb2 as pb
-from protos import duo_pb2_grpc
-from verify_service.scheduler import VerifyScheduler
+from duo.common import codec
+from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo.common.metrics import ServiceMetrics
+from duo.common.rpc import translate_errors
+from duo.common.sessions import Lease, SessionRegistry
+from duo.protos import duo_pb2 as pb
+from duo.protos import duo_pb2_grpc
+from duo.verify_service.scheduler import VerifyScheduler
 
 log = logging.getLogger(__name__)
 
