@@ -1,101 +1,51 @@
-"""The draft-distillation recipe's pure parts: config overrides, batching, the prompt bank's guarantees, and
-the validation score, which must equal an exact simulation of greedy speculative decoding."""
+"""The draft-distillation recipe's pure parts: batching, the training schedule, the self-written prompts, the
+fine-tuning start, and the validation score, which must equal an exact simulation of greedy speculative
+decoding. The config and the template prompt bank have their own tests (tests/test_recipe_*.py)."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import draft_quality
+from duo.common.prompt_sets import read_prompt_file
 
+from recipes.distill_draft import self_prompts
+from recipes.distill_draft.draft_init import initial_draft
+from recipes.distill_draft.recipe_config import load_config
+from recipes.distill_draft.runtime import Deadline
+from recipes.distill_draft.teacher_answers import length_sorted_batches, split_prompts
+from recipes.distill_draft.training import planned_steps
+from recipes.distill_draft.validation import committed_per_round, validation_scores
 from tests.tiny_models import build_model, perturbed_copy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_module(name: str, relative_path: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-distill = load_module("distill_recipe", "recipes/distill_draft/distill.py")
-draft_quality = load_module("draft_quality_benchmark", "benchmarks/draft_quality.py")
-prompt_bank = load_module("prompt_bank", "recipes/distill_draft/prompt_bank.py")
-
-
-def test_set_overrides_nested_entries_and_parses_json_values():
-    cfg = {"draft": {"num_hidden_layers": 2}, "train": {"time_budget_s": 60}, "run_name": "default"}
-    distill.apply_override(cfg, "draft.num_hidden_layers=4")
-    distill.apply_override(cfg, "train.time_budget_s=null")
-    distill.apply_override(cfg, "run_name=layers4b")
-    assert cfg == {"draft": {"num_hidden_layers": 4}, "train": {"time_budget_s": None}, "run_name": "layers4b"}
-
-
-@pytest.mark.parametrize("item", ["no_equals_sign", "=4", "missing.section=1"])
-def test_set_rejects_malformed_overrides(item):
-    with pytest.raises(SystemExit):
-        distill.apply_override({"draft": {}}, item)
-
-
-def test_shipped_configs_parse_and_agree_on_the_draft_vocabulary_setup():
-    recipe = REPO_ROOT / "recipes/distill_draft"
-    for name in ("config.json", "config_gpu.json", "config_self_cpu.json", "config_gpu_self.json",
-                 "config_gpu_finetune.json"):
-        cfg = distill.load_config(recipe / name)
-        assert cfg["data"]["num_validation_prompts"] > 0
-        assert cfg["draft"]["tie_word_embeddings"] is False
-    gpu = distill.load_config(recipe / "config_gpu.json")
-    fine_tune = distill.load_config(recipe / "config_self_cpu.json")
-    second_round = distill.load_config(recipe / "config_self2_cpu.json")
-    template = distill.load_config(recipe / "config_gpu_template.json")
-    scratch = distill.load_config(recipe / "config_gpu_self.json")
-    step4 = distill.load_config(recipe / "config_gpu_finetune.json")
-    # the shipped draft's chain: GPU export -> step 2's export -> step 3's export -> step 4, whose export comes
-    # back from the GPU into the shipped folder
-    assert fine_tune["train"]["init_from"] == gpu["output_dir"]
-    assert second_round["train"]["init_from"] == fine_tune["output_dir"]
-    assert step4["train"]["init_from"] == second_round["output_dir"]
-    assert second_round["train"]["validation_shard_dir"] == fine_tune["cache_dir"] + "/validation"
-    assert second_round["data"]["self_prompts"]["exclude_prompt_files"] == [
-        fine_tune["cache_dir"] + "/self_written_prompts.json"]
-    # step 4: the new draft beside it ("scratch") trains on the same answers and validates on the same ones,
-    # and the prompts the target writes there are new to both CPU rounds
-    assert step4["data"] == scratch["data"] and step4["cache_dir"] == scratch["cache_dir"]
-    assert step4["train"]["extra_shard_dirs"] == scratch["train"]["extra_shard_dirs"] == [
-        template["cache_dir"] + "/shards"]
-    assert step4["data"]["self_prompts"]["exclude_prompt_files"] == [
-        fine_tune["cache_dir"] + "/self_written_prompts.json", second_round["cache_dir"] + "/self_written_prompts.json"]
-    assert step4["run_name"] != scratch["run_name"] and step4["output_dir"] != scratch["output_dir"]
-    shipped = json.loads((REPO_ROOT / "draft_service/default_model/config.json").read_text())
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
-        assert gpu["draft"][key] == shipped[key] == fine_tune["draft"][key] == second_round["draft"][key], key
-        assert step4["draft"][key] == shipped[key], key
+HELDOUT = REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl"
+CPU_CONFIG = load_config(REPO_ROOT / "recipes/distill_draft/config.json")
 
 
 def test_length_sorted_batches_sort_inside_windows_only():
     prompts = [[0] * n for n in (5, 1, 4, 2, 9, 7, 8, 6)]
-    batches = distill.length_sorted_batches(prompts, batch_size=2, sort_window=2)
+    batches = length_sorted_batches(prompts, batch_size=2, sort_window=2)
     assert [[len(p) for p in b] for b in batches] == [[1, 2], [4, 5], [6, 7], [8, 9]]
-    whole = distill.length_sorted_batches(prompts, batch_size=3, sort_window=0)
+    whole = length_sorted_batches(prompts, batch_size=3, sort_window=0)
     assert [[len(p) for p in b] for b in whole] == [[1, 2, 4], [5, 6, 7], [8, 9]]
-    assert distill.length_sorted_batches([], batch_size=3, sort_window=0) == []  # no validation prompts
+    assert length_sorted_batches([], batch_size=3, sort_window=0) == []  # no validation prompts
 
 
 def test_planned_steps_respects_epochs_max_steps_and_the_time_budget():
-    unlimited = distill.Deadline(None)
-    assert distill.planned_steps({"warmup_steps": 10}, 500, 0.1, unlimited) == 500
-    assert distill.planned_steps({"warmup_steps": 10, "max_steps": 200}, 500, 0.1, unlimited) == 200
-    budget = distill.Deadline(100.0)
-    assert 900 < distill.planned_steps({"warmup_steps": 10}, 5000, 0.1, budget) <= 1000
+    train = dataclasses.replace(CPU_CONFIG.train, warmup_steps=10)
+    unlimited = Deadline(None)
+    assert planned_steps(train, 500, 0.1, unlimited) == 500
+    assert planned_steps(dataclasses.replace(train, max_steps=200), 500, 0.1, unlimited) == 200
+    budget = Deadline(100.0)
+    assert 900 < planned_steps(train, 5000, 0.1, budget) <= 1000
     # planned again later: the steps done plus what the rest of the budget fits, never fewer than done
-    assert 1100 < distill.planned_steps({"warmup_steps": 10}, 5000, 0.1, budget, steps_done=200) <= 1200
-    assert distill.planned_steps({"warmup_steps": 10}, 5000, 1e6, budget, steps_done=200) == 200
+    assert 1100 < planned_steps(train, 5000, 0.1, budget, steps_done=200) <= 1200
+    assert planned_steps(train, 5000, 1e6, budget, steps_done=200) == 200
 
 
 @pytest.mark.parametrize("matches, budget, expected", [
@@ -105,7 +55,7 @@ def test_planned_steps_respects_epochs_max_steps_and_the_time_budget():
     ([True] * 5, 0, (5, 5)),        # no drafting at all
 ])
 def test_committed_per_round_counts_rounds_of_greedy_chain_speculation(matches, budget, expected):
-    assert distill.committed_per_round(matches, budget) == expected
+    assert committed_per_round(matches, budget) == expected
 
 
 def test_validation_scores_equal_an_exact_simulation_of_speculative_decoding():
@@ -122,24 +72,11 @@ def test_validation_scores_equal_an_exact_simulation_of_speculative_decoding():
             tokens, rounds = draft_quality.simulate_speculative(draft, prompt, answer, k)
             totals[0] += tokens
             totals[1] += rounds
-    scores = distill.validation_scores(draft, records, list(simulated))
+    scores = validation_scores(draft, records, list(simulated))
     assert scores["validation_tokens"] == 160
     assert 0.2 < scores["agreement"] < 1.0, "the pair must both accept and reject for this test to mean anything"
     for k, (tokens, rounds) in simulated.items():
         assert scores["committed_per_round"][str(k)] == pytest.approx(tokens / rounds), k
-
-
-def test_prompt_bank_is_deterministic_distinct_and_disjoint_from_the_held_out_prompts():
-    heldout = distill.read_heldout_prompts(REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
-    prompts = prompt_bank.build_prompts(20000, 1234)
-    assert prompts == prompt_bank.build_prompts(20000, 1234)
-    assert len(set(prompts)) == len(prompts)
-    prompt_bank.assert_disjoint(prompts, heldout)
-    with pytest.raises(AssertionError):
-        prompt_bank.assert_disjoint(prompts + [heldout[0].upper()], heldout)
-
-
-self_prompts = load_module("self_prompts", "recipes/distill_draft/self_prompts.py")
 
 
 def test_self_prompt_filter_keeps_new_prompts_of_sensible_length_and_nothing_from_the_held_out_set():
@@ -211,25 +148,24 @@ def test_fine_tuning_starts_from_the_given_draft_and_refuses_one_of_another_shap
     model = build_model("llama", seed=7)
     model.save_pretrained(tmp_path / "draft")
     model.config.save_pretrained(tmp_path / "target")
-    shape = {"hidden_size": 32, "num_hidden_layers": 2, "next_token_prefix": "unused by fine-tuning"}
-    cfg = {"train": {"init_from": str(tmp_path / "draft")}, "draft": shape}
-    draft = distill.initial_draft(cfg, tmp_path / "target")
+    shape = {field.name: getattr(model.config, field.name) for field in dataclasses.fields(CPU_CONFIG.draft)
+             if hasattr(model.config, field.name)}  # next_token_* only build a new draft: fine-tuning ignores them
+    cfg = dataclasses.replace(CPU_CONFIG, draft=dataclasses.replace(CPU_CONFIG.draft, **shape),
+                              train=dataclasses.replace(CPU_CONFIG.train, init_from=str(tmp_path / "draft")))
+    draft = initial_draft(cfg, tmp_path / "target")
     assert torch.equal(draft.lm_head.weight, model.lm_head.weight)
-    cfg["draft"] = {**shape, "num_hidden_layers": 4}
+    deeper = dataclasses.replace(cfg, draft=dataclasses.replace(cfg.draft, num_hidden_layers=4))
     with pytest.raises(SystemExit, match="num_hidden_layers"):
-        distill.initial_draft(cfg, tmp_path / "target")
+        initial_draft(deeper, tmp_path / "target")
 
 
 def test_self_written_prompts_are_read_from_the_cache_and_split_like_bank_prompts(tmp_path):
-    heldout = distill.read_heldout_prompts(REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
+    heldout = read_prompt_file(HELDOUT)
     written = [f"Can you suggest a name for my pet number {i}?" for i in range(6)]
     (tmp_path / "self_written_prompts.json").write_text(json.dumps(written))
-    cfg = {"cache_dir": str(tmp_path), "heldout_prompts": "benchmarks/prompts/heldout_chat.jsonl",
-           "data": {"prompt_source": "self", "num_prompts": 4, "num_validation_prompts": 2}}
-    assert distill.split_prompts(cfg) == (written[2:], written[:2])
+    cfg = load_config(REPO_ROOT / "recipes/distill_draft/config_self_cpu.json",
+                      [f"cache_dir={json.dumps(str(tmp_path))}", "data.num_prompts=4", "data.num_validation_prompts=2"])
+    assert split_prompts(cfg) == (written[2:], written[:2])
     (tmp_path / "self_written_prompts.json").write_text(json.dumps(written[:5] + [heldout[3]]))
     with pytest.raises(AssertionError):
-        distill.split_prompts(cfg)
-    cfg["data"]["prompt_source"] = "hub"
-    with pytest.raises(SystemExit, match="prompt_source"):
-        distill.split_prompts(cfg)
+        split_prompts(cfg)

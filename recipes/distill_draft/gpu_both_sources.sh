@@ -19,7 +19,7 @@ mkdir -p "$log_dir"
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed stage stops the one running beside it
 
 # shellcheck disable=SC2086  # SET is a list of --set arguments, split on spaces
-distill() { "$python" "$recipe/distill.py" "$@" ${SET:-}; }
+distill() { "$python" -m recipes.distill_draft.distill "$@" ${SET:-}; }
 
 distill --stage generate --config "$recipe/config_gpu_template.json" >"$log_dir/generate_template.log" 2>&1 &
 template=$!

@@ -17,7 +17,7 @@ layers=("$@")
 [ ${#layers[@]} -gt 0 ] || layers=(4)
 mkdir -p "$log_dir"
 
-distill() { "$python" recipes/distill_draft/distill.py --config "$config" "$@"; }
+distill() { "$python" -m recipes.distill_draft.distill --config "$config" "$@"; }
 
 distill --stage generate 2>&1 | tee "$log_dir/generate.log"
 for run in "${layers[@]}"; do

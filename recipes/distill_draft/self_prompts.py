@@ -14,9 +14,15 @@ one), so the benchmark stays held out.
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from prompt_bank import normalize, shingles
 from transformers import DynamicCache
+
+from recipes.distill_draft.heldout_overlap import normalize, shingles
+from recipes.distill_draft.recipe_config import SelfPromptConfig
+
+log = logging.getLogger(__name__)
 
 MIN_WORDS = 3
 MAX_WORDS = 80
@@ -64,10 +70,9 @@ def sample_user_turns(target, prefix_ids: list[int], rows: int, max_tokens: int,
 class PromptFilter:
     """Keeps a prompt if it is complete, of a sensible length, new, and shares nothing with the held-out set."""
 
-    def __init__(self, heldout_prompts: list[str], shingle_size: int = 6, known_prompts: list[str] = ()):
-        self.shingle_size = shingle_size
+    def __init__(self, heldout_prompts: list[str], known_prompts: list[str] = ()):
         self.heldout_norm = {normalize(p) for p in heldout_prompts}
-        self.heldout_shingles = set().union(*(shingles(p, shingle_size) for p in heldout_prompts))
+        self.heldout_shingles = set().union(*(shingles(p) for p in heldout_prompts))
         self.seen: set[str] = {normalize(p) for p in known_prompts}  # e.g. an earlier round's, to stay new
 
     def accept(self, prompt: str) -> bool:
@@ -75,19 +80,16 @@ class PromptFilter:
         words = len(prompt.split())
         if not MIN_WORDS <= words <= MAX_WORDS or norm in self.seen:
             return False
-        if norm in self.heldout_norm or shingles(prompt, self.shingle_size) & self.heldout_shingles:
+        if norm in self.heldout_norm or shingles(prompt) & self.heldout_shingles:
             return False
         self.seen.add(norm)
         return True
 
 
-def write_prompts(target, tokenizer, count: int, heldout_prompts: list[str], settings: dict, seed: int,
-                  log=None, known_prompts: list[str] = ()) -> list[str]:
+def write_prompts(target, tokenizer, count: int, heldout_prompts: list[str], settings: SelfPromptConfig, seed: int,
+                  known_prompts: list[str] = ()) -> list[str]:
     """``count`` distinct prompts written by the target (the same for the same seed, model and device), none
-    equal to one of ``known_prompts``.
-
-    ``settings``: ``batch_size``, ``max_tokens``, ``temperature`` and ``top_p`` of the sampling.
-    """
+    equal to one of ``known_prompts``."""
     prefix_ids = user_turn_prefix(tokenizer)
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     keep = PromptFilter(heldout_prompts, known_prompts=known_prompts)
@@ -95,8 +97,8 @@ def write_prompts(target, tokenizer, count: int, heldout_prompts: list[str], set
     batch_index = 0
     while len(prompts) < count:
         generator = torch.Generator(device=target.device).manual_seed(seed + batch_index)
-        turns = sample_user_turns(target, prefix_ids, settings["batch_size"], settings["max_tokens"],
-                                  settings["temperature"], settings["top_p"], end_id, generator)
+        turns = sample_user_turns(target, prefix_ids, settings.batch_size, settings.max_tokens,
+                                  settings.temperature, settings.top_p, end_id, generator)
         batch_index += 1
         for turn in turns:
             if turn is None:
@@ -104,8 +106,7 @@ def write_prompts(target, tokenizer, count: int, heldout_prompts: list[str], set
             prompt = tokenizer.decode(turn, skip_special_tokens=True).strip()
             if keep.accept(prompt) and len(prompts) < count:
                 prompts.append(prompt)
-        if log is not None:
-            log.info("self-written prompts: %d of %d after %d batches", len(prompts), count, batch_index)
-        if batch_index > 50 and len(prompts) < batch_index * settings["batch_size"] // 50:
+        log.info("self-written prompts: %d of %d after %d batches", len(prompts), count, batch_index)
+        if batch_index > 50 and len(prompts) < batch_index * settings.batch_size // 50:
             raise RuntimeError(f"the target writes too few usable prompts: {len(prompts)} in {batch_index} batches")
     return prompts
