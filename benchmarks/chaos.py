@@ -16,6 +16,7 @@ lost or duplicated a token, or memory grew by more than 10 %.
 from __future__ import annotations
 
 import argparse
+import collections
 import difflib
 import json
 import logging
@@ -35,7 +36,9 @@ from duo.client.embedded import ChildService
 from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
 from duo.common.params import StoppingParams
+from duo.common.prompt_sets import read_prompt_file
 from duo.common.resume import ResumePolicy
+from duo.common.security import ChannelSecurity
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 RESUME = ResumePolicy(attempts=8, within_s=120.0)  # a restart takes seconds: imports and the model load
@@ -142,7 +145,7 @@ def run_under_faults(pair: Pair, prompts: list[str], references: dict[str, list[
     faults.start()
 
     def client(index: int) -> None:
-        with grpc.insecure_channel(pair.draft_addr) as channel:
+        with ChannelSecurity().channel(pair.draft_addr) as channel:
             orchestrator = Orchestrator(channel, timeout_s=600, resume=RESUME)
             turn = index
             while not done.is_set():
@@ -190,7 +193,7 @@ def run_many_sessions(pair: Pair, prompts: list[str], sessions: int, concurrency
     finished = [0]
 
     def client() -> None:
-        with grpc.insecure_channel(pair.draft_addr) as channel:
+        with ChannelSecurity().channel(pair.draft_addr) as channel:
             orchestrator = Orchestrator(channel, timeout_s=120)
             while True:
                 with lock:
@@ -239,14 +242,14 @@ def main() -> None:
     parser.add_argument("--draft-model", default=DEFAULT_DRAFT)
     args = parser.parse_args()
     logging.getLogger("duo.client.orchestrator").setLevel(logging.ERROR)  # each resume attempt's warning: counted below
-    prompts = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = read_prompt_file(PROMPTS)
     with tempfile.TemporaryDirectory(prefix="duo-chaos-") as work:
         pair = Pair(Path(work), args.target_model, args.draft_model)
         try:
             pair.start_verify()
             pair.start_draft()
             pair.wait_serving()
-            with grpc.insecure_channel(pair.draft_addr) as channel:
+            with ChannelSecurity().channel(pair.draft_addr) as channel:
                 orchestrator = Orchestrator(channel, timeout_s=600)
                 references = {prompt: generate(orchestrator, prompt, args.max_new_tokens).token_ids
                               for prompt in prompts}
@@ -256,8 +259,9 @@ def main() -> None:
             started = time.monotonic()
             run_under_faults(pair, prompts, references, args, tally)
             print(f"\nfaults injected       {json.dumps(tally.faults)} in {time.monotonic() - started:.0f} s")
-            print(f"generations completed {tally.completed}, failed after their first token {len(tally.failed)}"
-                  + (f" (first: {tally.failed[0]})" if tally.failed else ""))
+            print(f"generations completed {tally.completed}, failed after their first token {len(tally.failed)}")
+            for reason, count in collections.Counter(tally.failed).most_common():
+                print(f"  {count} x {reason}")
             print(f"refused at the start  {tally.refused} (the draft service was down; nothing delivered)")
             print(f"tokens lost           {tally.lost}")
             print(f"tokens duplicated     {tally.duplicated}")

@@ -13,7 +13,7 @@ For every prompt (chat template applied, generation prompt added) the target gre
   for widths above 1) at each ``--drafter-widths`` width, with the target's greedy continuation standing in
   for the verifier: greedy verification commits the longest drafted path that matches it plus one token, so
   this is exact. Each round drafts ahead as the service does while a verifier works (here: as far as the
-  drafter's own cap, as in a reproducible session);
+  drafter's own cap);
 * the draft's time per decoded token as a fraction of the target's: incremental single-token decoding with
   a KV cache for both models, on ``--threads`` CPU threads.
 
@@ -34,20 +34,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from duo.common.default_models import default_draft_dir, default_target_dir
+from duo.common.greedy_rounds import replay_greedy_rounds
+from duo.common.params import DecodingParams
+from duo.common.prompt_sets import read_prompt_file, user_prompt_ids
+from duo.common.tree import DEFAULT_MAX_BRANCHES, TokenTree, path_along
+from duo.draft_service.tree_drafter import TreeDrafter
 
-from duo.draft_service.tree_drafter import TreeDrafter  # noqa: E402
-from duo.common.default_models import default_draft_dir, default_target_dir  # noqa: E402
-from duo.common.params import DecodingParams  # noqa: E402
-from duo.common.tree import DEFAULT_MAX_BRANCHES, ROOT, TokenTree  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
+PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Draft-vs-target quality on held-out chat prompts.")
-    parser.add_argument("--prompts", type=Path, default=REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
+    parser.add_argument("--prompts", type=Path, default=PROMPTS)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--draft", default=None, help="draft folder (default: duo's shipped default draft)")
     parser.add_argument("--target", default=None, help="target folder (default: duo's default target)")
@@ -60,16 +61,6 @@ def parse_args() -> argparse.Namespace:
                         help="processes for the simulation pass (one thread each)")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser.parse_args()
-
-
-def read_prompts(path: Path) -> list[str]:
-    with open(path) as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
-
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 @torch.no_grad()
@@ -133,29 +124,13 @@ class DraftProposer:
 def simulate_speculative(draft, prompt_ids: list[int], target_tokens: list[int], budget: int) -> tuple[int, int]:
     """(committed tokens, rounds) of greedy speculative decoding that reproduces ``target_tokens``."""
     proposer = DraftProposer(draft, prompt_ids)
-    done, rounds = 0, 0
-    while done < len(target_tokens):
-        remaining = len(target_tokens) - done
-        proposal = proposer.propose(min(budget, remaining - 1))
-        accepted = 0
-        while accepted < len(proposal) and proposal[accepted] == target_tokens[done + accepted]:
-            accepted += 1
-        committed = target_tokens[done:done + accepted + 1]
-        proposer.commit(committed)
-        done += len(committed)
-        rounds += 1
-    return done, rounds
 
+    def play_round(done: int, room: int) -> int:
+        accepted = len(path_along(TokenTree.chain(proposer.propose(room)), target_tokens[done:]))
+        proposer.commit(target_tokens[done:done + accepted + 1])
+        return accepted
 
-def matched_path(tree: TokenTree, continuation: list[int]) -> int:
-    """How many tokens of ``continuation`` the tree holds along one path from its root."""
-    node, matched = ROOT, 0
-    while matched < len(continuation):
-        node = next((child for child in tree.children(node) if tree.token_ids[child] == continuation[matched]), None)
-        if node is None:
-            return matched
-        matched += 1
-    return matched
+    return replay_greedy_rounds(len(target_tokens), budget, play_round)
 
 
 def simulate_drafter(draft, prompt_ids: list[int], target_tokens: list[int], budget: int, width: int,
@@ -164,22 +139,18 @@ def simulate_drafter(draft, prompt_ids: list[int], target_tokens: list[int], bud
     drafter = TreeDrafter(draft, DecodingParams(), vocab_size, frozenset({eos_id}),
                           len(prompt_ids) + len(target_tokens) + budget + 1, lambda: width, tree_attention=True,
                           context_copy=context_copy)
-    committed = list(prompt_ids)
-    drafter.prefill(committed)
-    done, rounds = 0, 0
-    while done < len(target_tokens):
-        room = min(budget, len(target_tokens) - done - 1)
-        accepted = 0
-        if room > 0:
-            drafter.commit(committed)
-            tree = drafter.propose(room)
-            while drafter.grow_ahead(len(tree) + 1 + budget):
-                pass
-            accepted = matched_path(tree, target_tokens[done:-1])
-        committed += target_tokens[done:done + accepted + 1]
-        done += accepted + 1
-        rounds += 1
-    return done, rounds
+    drafter.prefill(list(prompt_ids))
+
+    def play_round(done: int, room: int) -> int:
+        if room == 0:
+            return 0
+        drafter.commit(list(prompt_ids) + target_tokens[:done])
+        tree = drafter.propose(room)
+        while drafter.grow_ahead(len(tree) + 1 + budget):
+            pass
+        return len(path_along(tree, target_tokens[done:-1]))
+
+    return replay_greedy_rounds(len(target_tokens), budget, play_round)
 
 
 def load_model(path: str, dtype):
@@ -229,14 +200,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     budgets = [int(b) for b in args.budgets.split(",")]
     widths = [int(w) for w in args.drafter_widths.split(",") if w.strip()]
     eos_id = tokenizer.eos_token_id
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_file(args.prompts)
 
     # Pass 1, alone on the machine: the target's continuations, and both models' time per token.
     workloads: list[Workload] = []
     target_times: list[float] = []
     draft_times: list[float] = []
     for index, prompt in enumerate(prompts):
-        prompt_ids = chat_ids(tokenizer, prompt)
+        prompt_ids = user_prompt_ids(tokenizer, prompt)
         target_tokens, step_times = greedy_decode(target, prompt_ids, args.max_new_tokens, eos_id)
         target_times += step_times
         draft_times += greedy_decode(draft, prompt_ids, args.max_new_tokens, eos_id)[1]

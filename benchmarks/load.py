@@ -34,6 +34,7 @@ from duo.client.embedded import EmbeddedConfig, embedded_services
 from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model
 from duo.common.params import StoppingParams
+from duo.common.prompt_sets import read_prompt_file, user_prompt_ids
 
 PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 MODES = {"batched": (), "one-per-pass": ("--max-batch-sessions", "1")}
@@ -83,11 +84,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def encode_prompts(tokenizer, path: Path, count: int) -> list[list[int]]:
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    prompts = read_prompt_file(path, count)
     if len(prompts) < count:
         raise SystemExit(f"{path} has {len(prompts)} prompts; the largest concurrency needs {count}")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for p in prompts[:count]]
+    return [user_prompt_ids(tokenizer, prompt) for prompt in prompts]
 
 
 def run_wave(orchestrator: Orchestrator, system: str, prompts: list[list[int]], max_new_tokens: int,

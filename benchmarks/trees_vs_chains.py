@@ -1,11 +1,11 @@
 """Token trees vs chains at equal node budgets, greedy and sampled, on the default pair.
 
-Both services run in this process on loopback gRPC (the real servicers and round loop; torch uses one
-thread, so drafting and verification each get about one core of a two-core machine). For each width
-(max_branches; 1 = chains) and decoding mode, every prompt is generated with the same node budget, and
-the table reports tokens committed per verification round (the target's forward passes saved; the mean of
-each prompt's figure, and pooled over all prompts as benchmarks/draft_quality.py reports it) and tokens/s
-(client wall time, prefill included).
+Both services run in this process on loopback gRPC (``duo.draft_service.inprocess``: the real servicers and
+round loop; torch uses one thread, so drafting and verification each get about one core of a two-core
+machine). For each width (max_branches; 1 = chains) and decoding mode, every prompt is generated with the
+same node budget, and the table reports tokens committed per verification round (the target's forward
+passes saved; the mean of each prompt's figure, and pooled over all prompts as benchmarks/draft_quality.py
+reports it) and tokens/s (client wall time, prefill included).
 
 Run: ``python benchmarks/trees_vs_chains.py [--prompts N] [--max-new-tokens 64] [--budget 6] [--widths 1,2,3]``.
 """
@@ -13,8 +13,6 @@ Run: ``python benchmarks/trees_vs_chains.py [--prompts N] [--max-new-tokens 64] 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import statistics
 import sys
@@ -23,32 +21,18 @@ from pathlib import Path
 import grpc
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
+from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET
+from duo.common.params import DecodingParams, StoppingParams
+from duo.common.prompt_sets import read_prompt_file
+from duo.draft_service.inprocess import running_pair
 
-from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator  # noqa: E402
-from duo.draft_service.servicer import DrafterConfig, DrafterServicer  # noqa: E402
-from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, default_draft_dir, default_target_dir  # noqa: E402
-from duo.common.models import load_causal_lm  # noqa: E402
-from duo.common.params import DecodingParams, StoppingParams  # noqa: E402
-from duo.common.rpc import MAX_MESSAGE_BYTES, ServiceServer  # noqa: E402
-from duo.common.sessions import SessionRegistry  # noqa: E402
-from duo.protos import duo_pb2_grpc  # noqa: E402
-from duo.verify_service.engine import TargetVerifier  # noqa: E402
-from duo.verify_service.scheduler import VerifyScheduler  # noqa: E402
-from duo.verify_service.servicer import VerifierServicer  # noqa: E402
-
-FALLBACK_PROMPTS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain what a hash table is in two sentences.",
-    "List three tips for better sleep.",
-]
+PROMPTS = Path(__file__).resolve().parent / "prompts" / "heldout_chat.jsonl"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts-file", type=Path, default=REPO_ROOT / "benchmarks/prompts/heldout_chat.jsonl")
+    parser.add_argument("--prompts-file", type=Path, default=PROMPTS)
     parser.add_argument("--prompts", type=int, default=4, help="how many prompts (from the top of the file)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--budget", type=int, default=6, help="draft tokens (tree nodes) per round")
@@ -58,50 +42,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def read_prompts(path: Path, count: int) -> list[str]:
-    if not path.exists():
-        return FALLBACK_PROMPTS[:count]
-    with open(path) as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()][:count]
-
-
-@contextlib.contextmanager
-def services():
-    """The default pair in-process; the draft is the target in bfloat16 until duo's own draft exists."""
-    draft_dtype = "bfloat16" if default_draft_dir() == default_target_dir() else "auto"
-    verify = ServiceServer(["duo.v1.Verifier"])
-    verifier = VerifierServicer(SessionRegistry(4))
-    duo_pb2_grpc.add_VerifierServicer_to_server(verifier, verify.server)
-    verify_addr = f"127.0.0.1:{verify.bind('127.0.0.1:0')}"
-    verify.start()
-    verifier.attach(VerifyScheduler(TargetVerifier(load_causal_lm(DEFAULT_TARGET, "cpu", "auto"))))
-    verify.mark_serving()
-    channel = grpc.insecure_channel(verify_addr, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                                          ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    draft = ServiceServer(["duo.v1.Drafter"])
-    drafter = DrafterServicer(DrafterConfig(), channel, SessionRegistry(4))
-    duo_pb2_grpc.add_DrafterServicer_to_server(drafter, draft.server)
-    draft_addr = f"127.0.0.1:{draft.bind('127.0.0.1:0')}"
-    draft.start()
-    drafter.attach(load_causal_lm(DEFAULT_DRAFT, "cpu", draft_dtype))
-    draft.mark_serving()
-    try:
-        yield draft_addr, draft_dtype
-    finally:
-        draft.stop(0)
-        verify.stop(0)
-        channel.close()
-
-
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
-    prompts = read_prompts(args.prompts_file, args.prompts)
+    prompts = read_prompt_file(args.prompts_file, args.prompts)
     widths = [int(w) for w in args.widths.split(",")]
     temperatures = [float(t) for t in args.temperatures.split(",")]
     rows = []
-    with services() as (draft_addr, draft_dtype), grpc.insecure_channel(draft_addr) as channel:
+    with running_pair(DEFAULT_TARGET, DEFAULT_DRAFT) as services, \
+            grpc.insecure_channel(services.draft_addr) as channel:
         orchestrator = Orchestrator(channel, timeout_s=600)
         warm = GenerationRequest(prompt_text="Hi", stopping=StoppingParams(max_new_tokens=4))
         orchestrator.generate(warm, FixedBudget(args.budget, 1))
@@ -125,7 +75,7 @@ def main() -> None:
                 rows.append((temperature, width, statistics.mean(per_round), committed / rounds,
                              statistics.mean(speeds), statistics.mean(acceptance)))
                 print(f"  done: temperature {temperature}, max_branches {width}", file=sys.stderr, flush=True)
-    print(f"\ntarget {DEFAULT_TARGET} (float32), draft {DEFAULT_DRAFT} ({draft_dtype}); {len(prompts)} prompts, "
+    print(f"\ntarget {DEFAULT_TARGET}, draft {DEFAULT_DRAFT} (each in its checkpoint's dtype); {len(prompts)} prompts, "
           f"{args.max_new_tokens} new tokens, {args.budget} nodes per round, torch threads 1")
     print("tokens/round: the mean over prompts of each prompt's tokens per round; pooled: all tokens over all rounds")
     print(f"{'temperature':>11} {'max_branches':>12} {'tokens/round':>12} {'pooled':>7} {'tokens/s':>9} "

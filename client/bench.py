@@ -20,15 +20,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
 from duo.client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator
+from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.common.default_models import ModelNotAvailableError
+from duo.common.models import load_failure
 from duo.common.params import StoppingParams
+from duo.common.progress import hide_progress_bars_off_terminal
 
 HF_GENERATE = ("hf-generate", "hf-generate-bf16")  # the speed base: the faster of these
 OTHER_NUMERICS = ("hf-generate-bf16",)  # not held to the reference's tokens
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"
+DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "bench_prompts.jsonl"  # a prompt file (prompt_sets)
 ALL_SYSTEMS = ("hf-generate", "hf-generate-bf16", "hf-assisted", "duo-nospec", "duo-fixed", "duo-sequential",
                "duo-auto")
 
@@ -66,22 +67,19 @@ class SystemSummary:
     runs: list[Run] = field(repr=False, default_factory=list)
 
 
-def load_prompts(path: Path | None, limit: int | None) -> list[str]:
-    lines = (path or DEFAULT_PROMPTS).read_text().splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
-    return prompts[:limit] if limit else prompts
-
-
 class HfBaselines:
-    """The target (and draft) loaded in this process, for HF generate and assisted generation."""
+    """The target (and draft) loaded in this process, for HF generate and assisted generation. torch and
+    transformers are imported here, when the baselines load, not with the module (duo-client imports it)."""
 
     def __init__(self, target_path: str, draft_path: str, threads: int):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(target_path)
-        self.target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-        self.draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
+        hide_progress_bars_off_terminal()
+        self.tokenizer = _loaded(target_path, AutoTokenizer.from_pretrained)
+        self.target = _loaded(target_path, AutoModelForCausalLM.from_pretrained, dtype=torch.float32).eval()
+        self.draft = _loaded(draft_path, AutoModelForCausalLM.from_pretrained, dtype=torch.float32).eval()
         self._target_path = target_path
         self._target_bf16 = None
 
@@ -89,20 +87,16 @@ class HfBaselines:
         if system != "hf-generate-bf16":
             return self.target
         if self._target_bf16 is None:
+            import torch
             from transformers import AutoModelForCausalLM
 
             self._target_bf16 = AutoModelForCausalLM.from_pretrained(self._target_path, dtype=torch.bfloat16).eval()
         return self._target_bf16
 
-    def encode(self, prompt: str, chat: bool) -> list[int]:
-        if chat and self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True, return_dict=False)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return self.tokenizer(prompt)["input_ids"]
-
     def run(self, system: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
         """New token ids, total seconds, seconds to the first new token."""
+        import torch
+
         streamer = _FirstTokenClock()
         extra = {"assistant_model": self.draft} if system == "hf-assisted" else {}
         started = time.perf_counter()
@@ -112,6 +106,14 @@ class HfBaselines:
                                           do_sample=False, streamer=streamer, **extra)
         total = time.perf_counter() - started
         return output[0, len(prompt_ids):].tolist(), total, (streamer.first_at or started + total) - started
+
+
+def _loaded(path: str, load: Callable, **kwargs):
+    """``load(path)``; a failure is the one line that says why (``duo.common.models.load_failure``)."""
+    try:
+        return load(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailableError(f"the HF baselines: {load_failure(path, exc)}") from exc
 
 
 class _FirstTokenClock:

@@ -12,18 +12,19 @@ from pathlib import Path
 import click
 import grpc
 
-from duo.client import bench, resident
-from duo.common.budget import AdaptiveBudget, ControllerConfig, SharedEstimates
+from duo.client import resident
+from duo.client.bench_command import bench_command
 from duo.client.embedded import EmbeddedConfig, embedded_services, usable_cores
 from duo.client.orchestrator import FixedBudget, GenerationRequest, GenerationResult, Orchestrator, check_verifier
-from duo.common.cpu_runtime import KERNEL_CHOICES
+from duo.client.progress import StartProgress
+from duo.common.budget import AdaptiveBudget, ControllerConfig
+from duo.common.cli_options import KERNEL_CHOICES, budget_option
 from duo.common.default_models import DEFAULT_DRAFT, DEFAULT_TARGET, check_local_model
 from duo.common.errors import DuoError, FailedPrecondition, StartupError
 from duo.common.generation_spec import ChatMessage, ChatRole
 from duo.common.params import DecodingParams, StoppingParams
 from duo.common.rpc import MAX_MESSAGE_BYTES
 from duo.common.security import ChannelSecurity, read_token
-from duo.common.serve_cli import budget_option
 from duo.common.tree import DEFAULT_MAX_BRANCHES
 
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
@@ -56,6 +57,10 @@ def _embedded_pair_options(command):
     return command
 
 
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="Nothing on stderr but errors: no progress while services start.")
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True)
@@ -63,7 +68,7 @@ def _embedded_pair_options(command):
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
-              help="Seed for sampling: the same seed gives the same output (auto budget then stays fixed).")
+              help="Seed for sampling: the same seed gives the same output, whatever the budget.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence tokens.")
 @click.option("--chat/--no-chat", default=None, help="Apply the chat template (default: when the model has one).")
@@ -81,6 +86,7 @@ def _embedded_pair_options(command):
               help="Remote mode: HOST:PORT of the draft service's verifier, checked for a compatible tokenizer "
                    "before generating.")
 @_embedded_pair_options
+@quiet_option
 @click.option("--timeout-s", type=click.FloatRange(0, min_open=True), default=None, help="Deadline of the generation.")
 @click.option("--tls-ca", type=_FILE, envvar="DUO_CLIENT_TLS_CA", help="Remote mode: CA of the draft service (TLS).")
 @click.option("--tls-cert", type=_FILE, envvar="DUO_CLIENT_TLS_CERT", help="Client certificate (mutual TLS).")
@@ -88,8 +94,9 @@ def _embedded_pair_options(command):
 @click.option("--auth-token-file", type=_FILE, envvar="DUO_CLIENT_AUTH_TOKEN_FILE",
               help="Send 'authorization: Bearer <token>' with the token in this file.")
 def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, ignore_eos, chat, system_prompt,
-             draft_budget, max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model, draft_model,
-             verify_threads, draft_threads, device, cpu_kernels, timeout_s, tls_ca, tls_cert, tls_key, auth_token_file):
+             draft_budget, max_branches, no_speculation, show_stats, as_json, draft_addr, verify_addr, target_model,
+             draft_model, verify_threads, draft_threads, device, cpu_kernels, quiet, timeout_s, tls_ca, tls_cert,
+             tls_key, auth_token_file):
     """Generate a continuation of PROMPT (read from stdin when omitted), streaming it to stdout."""
     if prompt is None:
         prompt = sys.stdin.read()
@@ -109,10 +116,7 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
         security = ChannelSecurity(tls_ca, tls_cert, tls_key, read_token(auth_token_file))
     except DuoError as exc:
         raise click.UsageError(str(exc)) from exc
-    if budget is None and seed is not None and temperature > 0:
-        # The adaptive budget follows measured timings, which would make a seeded output vary; fix it.
-        policy = FixedBudget(ControllerConfig().initial_budget, max_branches)
-    elif budget is None:
+    if budget is None:
         policy = AdaptiveBudget(ControllerConfig(max_branches=max_branches))
     else:
         policy = FixedBudget(budget, max_branches)
@@ -127,10 +131,14 @@ def generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_strin
                     draft_addr = pair.draft  # duo-client up's: started, loaded
                 else:
                     for model in (target_model, draft_model):
-                        check_local_model(model)  # before minutes of starting services
+                        check_local_model(model)  # before seconds (or minutes) of starting services
                     config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
-                                            cpu_kernels=cpu_kernels)
-                    draft_addr = stack.enter_context(embedded_services(config)).draft
+                                            cpu_kernels=cpu_kernels,
+                                            # the pair is this call's alone: its limit is this call's request
+                                            draft_options=("--max-new-tokens-limit", str(max_new_tokens)))
+                    progress = StartProgress("starting the services", quiet=quiet,
+                                             hint="duo-client up keeps a pair running for later calls")
+                    draft_addr = stack.enter_context(embedded_services(config, progress)).draft
             channel = stack.enter_context(security.channel(draft_addr, options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
             peers = [_Peer("draft service", draft_addr, "--draft-addr", channel)]
@@ -222,18 +230,25 @@ def _first_token_line(parts: dict[str, float]) -> str:
 
 @main.command()
 @_embedded_pair_options
-def up(target_model, draft_model, verify_threads, draft_threads, device, cpu_kernels):
+@quiet_option
+def up(target_model, draft_model, verify_threads, draft_threads, device, cpu_kernels, quiet):
     """Start a resident pair in the background: later generate calls with the same models use it, without
     starting services or loading models. duo-client down stops it."""
-    if (pair := resident.current()) is not None:
-        click.echo(f"already up: {_describe(pair)}")
-        return
+    def say(message: str) -> None:
+        if not quiet:
+            click.echo(message, err=True)
+
     try:
         for model in (target_model, draft_model):
             check_local_model(model)
-        click.echo("starting the pair (the models load; the first run converts the default target)...", err=True)
-        pair = resident.start(EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
-                                             cpu_kernels=cpu_kernels))
+        with resident.starting(on_busy=lambda: say("another duo-client up is starting a pair: waiting for it")):
+            if (pair := resident.current()) is not None:
+                click.echo(f"already up: {_describe(pair)}")
+                return
+            say("starting the pair (the models load; the first run converts the default target)...")
+            pair = resident.start(EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, device,
+                                                 cpu_kernels=cpu_kernels),
+                                  StartProgress("starting the pair", quiet=quiet))
     except StartupError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"up: {_describe(pair)}")
@@ -263,88 +278,7 @@ def _describe(pair: resident.ResidentPair) -> str:
             f"since {since}")
 
 
-@main.command(name="bench")
-@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="JSONL file of {\"prompt\": ...} (default: the shipped set).")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N prompts.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--systems", default=",".join(bench.ALL_SYSTEMS), show_default=True,
-              help="Comma-separated systems to run; the first one is the reference output.")
-@click.option("--fixed-budget", type=click.IntRange(1, 64), default=4, show_default=True,
-              help="Budget of duo-fixed and duo-sequential.")
-@click.option("--max-branches", type=click.IntRange(1, 8), default=DEFAULT_MAX_BRANCHES, show_default=True,
-              help="Token-tree width of the speculative duo systems (1 = chains).")
-@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap prompts in the chat template.")
-@click.option("--warmup/--no-warmup", default=True, show_default=True, help="One untimed run of every system first.")
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--chart", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Save a PNG bar chart.")
-@click.option("--draft-addr", envvar="DUO_DRAFT_ADDR", help="Remote mode: a running draft service.")
-@click.option("--target-model", default=DEFAULT_TARGET, show_default=True)
-@click.option("--draft-model", default=DEFAULT_DRAFT, show_default=True)
-@click.option("--verify-threads", type=click.IntRange(1), default=usable_cores(), show_default="this machine's cores")
-@click.option("--draft-threads", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--cpu-kernels", type=click.Choice(KERNEL_CHOICES), default="auto", show_default=True,
-              help="Both duo services' CPU matrix kernels (embedded mode).")
-@click.option("--hf-threads", type=click.IntRange(1), default=None,
-              help="torch threads of the HF baselines (default: the cores duo's services use, at most this "
-                   "machine's).")
-def bench_command(prompts_file, limit, max_new_tokens, systems, fixed_budget, max_branches, chat, warmup, json_out,
-                  chart, draft_addr, target_model, draft_model, verify_threads, draft_threads, cpu_kernels, hf_threads):
-    """Compare duo with HF generate and HF assisted generation on the same models and cores."""
-    from duo.common.default_models import resolve_model
-
-    if chart is not None and (missing := bench.chart_unavailable_reason()):
-        raise click.ClickException(missing)  # before the bench, not after it
-    chosen = [name.strip() for name in systems.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(bench.ALL_SYSTEMS))
-    if unknown or not chosen:
-        raise click.BadParameter(f"unknown systems {unknown}; choose from {', '.join(bench.ALL_SYSTEMS)}",
-                                 param_hint="--systems")
-    prompts = bench.load_prompts(prompts_file, limit)
-    hf_threads = hf_threads or min(verify_threads + draft_threads, usable_cores())
-    baselines = bench.HfBaselines(resolve_model(target_model), resolve_model(draft_model), threads=hf_threads)
-    prompt_ids = [baselines.encode(prompt, chat) for prompt in prompts]
-    runs: list[bench.Run] = []
-    with contextlib.ExitStack() as stack:
-        if draft_addr is None and any(name.startswith("duo") for name in chosen):
-            config = EmbeddedConfig(target_model, draft_model, verify_threads, draft_threads, "cpu",
-                                    cpu_kernels=cpu_kernels)
-            draft_addr = stack.enter_context(embedded_services(config)).draft
-        orchestrator = None
-        if draft_addr is not None:
-            channel = stack.enter_context(grpc.insecure_channel(draft_addr, options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]))
-            orchestrator = Orchestrator(channel)
-        learnt = SharedEstimates()  # duo-auto's sessions, one after another, on these services
-
-        def run_one(system: str, index: int, ids: list[int]) -> bench.Run:
-            if system.startswith("hf"):
-                tokens, total_s, ttft_s = baselines.run(system, ids, max_new_tokens)
-                return bench.Run(system, index, tokens, total_s, ttft_s)
-            result = bench.duo_run(system, orchestrator, ids, max_new_tokens, fixed_budget, max_branches, learnt)
-            return bench.run_from_result(system, index, result)
-
-        if warmup:
-            for system in chosen:
-                run_one(system, -1, prompt_ids[0][:16])
-        for index, ids in enumerate(prompt_ids):
-            for system in chosen:
-                run = run_one(system, index, ids)
-                runs.append(run)
-                click.echo(f"prompt {index + 1}/{len(prompt_ids)} {system:<15} {len(run.token_ids):>4} tokens "
-                           f"{len(run.token_ids) / run.total_s:6.2f} tok/s", err=True)
-    summaries = bench.summarise(runs, chosen)
-    click.echo(bench.format_table(summaries))
-    meta = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "target_model": target_model,
-            "draft_model": draft_model, "verify_threads": verify_threads, "draft_threads": draft_threads,
-            "hf_threads": hf_threads, "cpu_kernels": cpu_kernels, "fixed_budget": fixed_budget,
-            "max_branches": max_branches, "draft_addr": draft_addr}
-    if json_out:
-        bench.write_json(json_out, summaries, meta)
-    if chart:
-        bench.save_chart(chart, summaries, f"duo bench: {len(prompts)} prompts × {max_new_tokens} tokens")
-    if any(summary.identical_to_reference is False for summary in summaries):
-        raise click.ClickException("greedy outputs differ between systems (see the 'same' column)")
+main.add_command(bench_command)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ at most (they watch their parent: ``--parent-pid``)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -17,21 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from duo.client.child_service import (ChildService, ServiceStartError, describe_starting, failure_line, stop_all,
+                                      wait_all_serving)
+from duo.client.progress import StartProgress
 
-from duo.common.errors import StartupError
-
-
-class ServiceStartError(StartupError):
-    """A child service exited or did not become healthy; says why in one line (from its log)."""
-
+log = logging.getLogger(__name__)
 
 # Where the two services share cores, the drafter runs at a lower priority: drafting ahead then takes only the
 # time the verifier leaves idle (DuoDecoding's point: drafting on hardware verification does not use), and
 # never slows a verification pass. Its drafting on the critical path runs while the verifier waits anyway.
 # And the draft reads the prompt after the target's first token, so the target's prefill has every core; the
 # draft's own prefill is small, and on shared cores it would take its cycles from the target's anyway.
+# The priority drops once both serve: starting, the drafter's imports and load are on the way to the first
+# token like the verifier's, and at a low priority any other work on the machine would hold them back.
 DRAFT_NICENESS = 10
 SHARED_CORES_DRAFT_OPTIONS = ("--draft-prefill", "after-first-token")
 
@@ -66,110 +63,92 @@ class ServiceAddresses:
 
 
 @contextlib.contextmanager
-def embedded_services(config: EmbeddedConfig) -> Iterator[ServiceAddresses]:
+def embedded_services(config: EmbeddedConfig, progress: StartProgress | None = None) -> Iterator[ServiceAddresses]:
+    """Both services started, serving, and stopped on the way out; ``progress`` hears about the wait."""
     with _stopped_by_signals(), tempfile.TemporaryDirectory(prefix="duo-embedded-") as workdir, \
             contextlib.ExitStack() as stack:
         work = Path(workdir)
         deadline = time.monotonic() + config.start_timeout_s
-        verify = stack.enter_context(_running("verify", [
+        started: list[ChildService] = []
+        stack.callback(stop_all, started)
+        verify = ChildService.start("verify", [
             "duo.verify_service.cli", "serve", "--model", config.target_model, "--threads", str(config.verify_threads),
             "--device", config.verify_device, "--dtype", config.verify_dtype, "--cpu-kernels", config.cpu_kernels,
             *config.verify_options,
-        ], work))
-        verify_addr = f"127.0.0.1:{verify.wait_port(deadline)}"
+        ], work)
+        started.append(verify)
+        # The draft service starts at once, beside the verifier (their imports and model loads overlap), and
+        # reads the verifier's port from the file the verifier writes once it listens.
         shares_cores = config.verify_threads + config.draft_threads > usable_cores()
-        draft = stack.enter_context(_running("draft", [
+        draft = ChildService.start("draft", [
             "duo.draft_service.cli", "serve", "--model", config.draft_model, "--threads", str(config.draft_threads),
-            "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels, "--verify-addr", verify_addr,
+            "--dtype", config.draft_dtype, "--cpu-kernels", config.cpu_kernels,
+            "--verify-port-file", str(verify.port_file),
             *(SHARED_CORES_DRAFT_OPTIONS if shares_cores else ()), *config.draft_options,
-        ], work, DRAFT_NICENESS if shares_cores else 0))
-        draft_addr = f"127.0.0.1:{draft.wait_port(deadline, alongside=(verify,))}"
-        verify.wait_healthy(verify_addr, deadline, alongside=(draft,))
-        draft.wait_healthy(draft_addr, deadline, alongside=(verify,))
-        yield ServiceAddresses(draft=draft_addr, verify=verify_addr, pids=(verify.process.pid, draft.process.pid))
+        ], work)
+        started.append(draft)
+        children = (verify, draft)
+        on_wait = None if progress is None else (lambda: progress.update(lambda: describe_starting(children)))
+        try:
+            wait_all_serving(children, deadline, on_wait)
+        finally:
+            if progress is not None:
+                progress.finish()
+        if shares_cores:
+            draft.lower_priority(DRAFT_NICENESS)
+        addresses = ServiceAddresses(draft=draft.address(), verify=verify.address(),
+                                     pids=(verify.process.pid, draft.process.pid))
+        restarter = _Restarter(started, work, niceness={"draft": DRAFT_NICENESS if shares_cores else 0})
+        stack.callback(restarter.stop)
+        restarter.start()
+        yield addresses
 
 
-class ChildService:
-    """A duo service in a child process (``python -m MODULE serve ...``), logging to ``WORK/NAME.log``."""
+class _Restarter(threading.Thread):
+    """The children are the client's own, so one that dies while the client runs (a crash, the OOM killer,
+    a stray kill) is started again, on the port it had: the draft service finds its verifier there again and
+    the orchestrator its draft service, and both resume the generation where it was (``ResumePolicy``). At
+    most MAX_RESTARTS restarts of each: a service that keeps dying is left dead, and the generation fails
+    with the loss it reports."""
 
-    def __init__(self, name: str, process: subprocess.Popen, port_file: Path, log_file: Path):
-        self.name, self.process, self.port_file, self.log_file = name, process, port_file, log_file
+    MAX_RESTARTS = 3
+    CHECK_EVERY_S = 0.2
 
-    @classmethod
-    def start(cls, name: str, module_args: list[str], work: Path, port: int = 0, niceness: int = 0) -> ChildService:
-        """Start it on loopback ``port`` (0: a free one, see ``wait_port``); it stops once this process has gone."""
-        port_file = work / f"{name}.port"
-        log_file = work / f"{name}.log"
-        port_file.unlink(missing_ok=True)  # a restarted service writes it afresh
-        args = [sys.executable, "-m", *module_args, "--host", "127.0.0.1", "--port", str(port),
-                "--port-file", str(port_file), "--grace-s", "2", "--parent-pid", str(os.getpid())]
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
-        return cls(name, process, port_file, log_file)
+    def __init__(self, children: list[ChildService], work: Path, niceness: dict[str, int]):
+        super().__init__(name="duo-embedded-restarter", daemon=True)
+        self._children = children  # shared with the stopping on the way out: restarted ones replace the dead
+        self._work = work
+        self._niceness = niceness
+        self._restarts = {child.name: 0 for child in children}
+        self._ports = {child.name: child.port() for child in children}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
 
-    def wait_port(self, deadline: float, alongside: tuple[ChildService, ...] = ()) -> int:
-        """The port it listens on; meanwhile, a child ``alongside`` that fails fails the wait too."""
-        while not self.port_file.exists():
-            for child in (self, *alongside):
-                child._check_alive(deadline)
-            time.sleep(0.05)
-        return int(self.port_file.read_text())
+    def run(self) -> None:
+        while not self._stopping.wait(self.CHECK_EVERY_S):
+            for index, child in enumerate(list(self._children)):
+                if child.process.poll() is not None and self._restarts[child.name] < self.MAX_RESTARTS:
+                    self._restart(index, child)
 
-    def wait_healthy(self, address: str, deadline: float, alongside: tuple[ChildService, ...] = ()) -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                for child in (self, *alongside):
-                    child._check_alive(deadline)
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-
-    def _check_alive(self, deadline: float) -> None:
-        if self.process.poll() is not None:
-            raise ServiceStartError(f"the {self.name} service could not start: {failure_line(self.log_file)}")
-        if time.monotonic() > deadline:
-            raise ServiceStartError(f"the {self.name} service did not become ready in time: "
-                                    f"{failure_line(self.log_file)}")
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would end it."""
-        self.process.kill()
-        self.process.wait()
+    def _restart(self, index: int, dead: ChildService) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._restarts[dead.name] += 1
+            log.warning("the %s service exited (%s); restarting it on port %s (restart %d of %d)", dead.name,
+                        failure_line(dead.log_file), self._ports[dead.name], self._restarts[dead.name],
+                        self.MAX_RESTARTS)
+            child = ChildService.start(dead.name, dead.module_args, self._work, port=self._ports[dead.name])
+            self._children[index] = child
+        if self._niceness.get(child.name):
+            with contextlib.suppress(ServiceStartError):
+                child.wait_port(time.monotonic() + 600)
+                child.lower_priority(self._niceness[child.name])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def failure_line(log_file: Path) -> str:
-    """What a process said last about its failure: its one-line ``Error:`` (duo's start-up errors), else the
-    last line it wrote (an unexpected exception's, after its traceback)."""
-    try:
-        lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    errors = [line.removeprefix("Error: ") for line in lines if line.startswith("Error: ")]
-    return errors[-1] if errors else lines[-1] if lines else "(it wrote nothing)"
-
-
-@contextlib.contextmanager
-def _running(name: str, module_args: list[str], work: Path, niceness: int = 0) -> Iterator[ChildService]:
-    child = ChildService.start(name, module_args, work, niceness=niceness)
-    try:
-        yield child
-    finally:
-        child.stop()
+        """No restarts from now on (the client is stopping its children)."""
+        with self._lock:
+            self._stopping.set()
 
 
 @contextlib.contextmanager

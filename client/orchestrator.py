@@ -20,6 +20,7 @@ from duo.common.compat import check_compatible
 from duo.common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
 from duo.common.generation_spec import ChatMessage
 from duo.common.models import ModelInfo
+from duo.common.keepalive import connection_lost
 from duo.common.params import DecodingParams, StoppingParams
 from duo.common.resume import ResumePolicy
 from duo.common.stopping import FinishReason
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class BudgetPolicy(Protocol):
+    @property
+    def max_branches(self) -> int: ...  # children per node of the trees it asks for (1: chains)
     def initial(self) -> int: ...
     def after_round(self, timings: RoundTimings) -> int | None: ...
 
@@ -138,7 +141,7 @@ class Orchestrator:
     ) -> GenerationResult:
         """Run one generation to its end, calling ``on_text`` with each newly final piece of text.
 
-        A draft service lost mid-generation (UNAVAILABLE) is asked again, on the same address (DNS may give
+        A draft service lost mid-generation (``keepalive.connection_lost``) is asked again, on the same address (DNS may give
         another replica), to continue from the tokens received so far, while ``resume`` lasts: no token is
         delivered twice or skipped, and stop strings and max_new_tokens count across the resume. The
         deadline (``timeout_s``) covers all attempts."""
@@ -149,7 +152,7 @@ class Orchestrator:
             try:
                 return self._attempt(request, policy, on_text, progress)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or not progress.reached:
+                if not connection_lost(exc) or not progress.reached:
                     raise  # a draft service never reached is the caller's error at once, not a loss
                 if len(progress.token_ids) > delivered:  # that attempt got somewhere: a new loss, a new budget
                     attempt, lost_at = 0, None
@@ -169,7 +172,7 @@ class Orchestrator:
                  progress: _Progress) -> GenerationResult:
         """One Session call, continuing ``progress`` (the tokens earlier attempts received)."""
         outbox: queue.Queue = queue.Queue()
-        width = getattr(policy, "max_branches", 1)  # a policy without a width drafts chains
+        width = policy.max_branches
         start = _request_to_pb(request, progress.budget, width)
         if progress.token_ids:
             start.continuation.delivered_token_ids.extend(progress.token_ids)

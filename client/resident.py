@@ -10,6 +10,7 @@ record whose keeper is gone is stale, and is removed when read.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -18,8 +19,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
-from duo.client.embedded import EmbeddedConfig, ServiceStartError, embedded_services, failure_line
+from duo.client.child_service import ServiceStartError, failure_line, last_message
+from duo.client.embedded import EmbeddedConfig, embedded_services
+from duo.client.progress import StartProgress
 from duo.common.default_models import cache_root
 from duo.common.errors import StartupError
 
@@ -61,8 +65,28 @@ def current() -> ResidentPair | None:
     return pair
 
 
-def start(config: EmbeddedConfig) -> ResidentPair:
-    """Start a keeper and wait until its pair serves; its log is ``resident.log`` beside the record."""
+@contextlib.contextmanager
+def starting(on_busy: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Held by one ``duo-client up`` while it looks for a pair and starts one, so that two at once start one
+    pair: the second waits here (after ``on_busy``), then finds the first one's. The lock (``resident.lock``)
+    goes with its holder's process, however that ends."""
+    path = record_path().with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_busy()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def start(config: EmbeddedConfig, progress: StartProgress | None = None) -> ResidentPair:
+    """Start a keeper and wait until its pair serves (telling ``progress`` what the keeper says meanwhile); its
+    log is ``resident.log`` beside the record."""
     path = record_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     log_file = path.with_suffix(".log")
@@ -74,11 +98,22 @@ def start(config: EmbeddedConfig) -> ResidentPair:
         while (pair := current()) is None or pair.keeper_pid != keeper.pid:
             if keeper.poll() is not None:
                 raise ServiceStartError(failure_line(log_file))
+            if progress is not None:
+                progress.update(lambda: keeper_status(log_file))
             time.sleep(0.1)
     except BaseException:  # interrupted while waiting: no half-started pair left behind
         keeper.terminate()
         raise
+    finally:
+        if progress is not None:
+            progress.finish()
     return pair
+
+
+def keeper_status(log_file: Path) -> str:
+    """What the keeper's services are doing, from its last progress line ('duo: starting (N s): STATUS')."""
+    line = last_message(log_file)
+    return line.partition("): ")[2] or line
 
 
 def stop(pair: ResidentPair, wait_s: float = 30.0) -> None:
@@ -98,7 +133,7 @@ def stop(pair: ResidentPair, wait_s: float = 30.0) -> None:
 def keep(config: EmbeddedConfig) -> None:
     """The keeper's life: hold the pair, recorded, until a signal ends it."""
     path = record_path()
-    with embedded_services(config) as services:
+    with embedded_services(config, StartProgress("starting", stream=sys.stdout)) as services:
         pair = ResidentPair(os.getpid(), services.draft, services.verify, services.pids, config.target_model,
                             config.draft_model, time.time())
         staging = path.with_suffix(".tmp")

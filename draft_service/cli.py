@@ -15,13 +15,15 @@ from duo.draft_service.readiness import ServingState, follow_verifier
 from duo.draft_service.servicer import DrafterConfig, DrafterServicer
 from duo.common.resume import ResumePolicy
 from duo.common import batched_forward
-from duo.common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP, packed_kernels_will_run
+from duo.common.cli_options import KERNEL_CHOICES, KERNELS_HELP, budget_option
+from duo.common.cpu_runtime import packed_kernels_will_run
 from duo.common.default_models import DEFAULT_DRAFT
 from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from duo.common.metrics import ServiceMetrics
 from duo.common.models import load_causal_lm
+from duo.common.progress import reported
 from duo.common.security import ChannelSecurity, read_token
-from duo.common.serve_cli import (ServeSettings, budget_option, common_serve_options, log_batching, setup_process,
+from duo.common.serve_cli import (ServeSettings, common_serve_options, exit_drained, log_batching, setup_process,
                                   start_server)
 from duo.common.sessions import SessionRegistry
 from duo.common.tree import DEFAULT_MAX_BRANCHES
@@ -47,8 +49,11 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 @main.command()
 @_option("--model", default=DEFAULT_DRAFT, help="Draft model: hub id, local folder or builtin name.")
-@_option("--verify-addr", required=True,
+@_option("--verify-addr", default=None,
          help="The verify service: HOST:PORT, or dns:///NAME:PORT to balance over every address NAME resolves to.")
+@_option("--verify-port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+         help="Instead of --verify-addr: a verify service on this machine's loopback that writes its port to this "
+              "file (its --port-file) once it listens; waited for. Lets both services start at once.")
 @_option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
          help="auto: float32 where the packed CPU kernels run (the draft's numerics never change duo's output, "
               "and that is its fastest runtime measured), else the checkpoint's own dtype.")
@@ -84,13 +89,17 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
          help="Also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
               "/health) on this port, on --host, with --auth-token-file's token (0 picks a free port).")
 @common_serve_options("DUO_DRAFT")
-def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_branches, context_copy, verify_timeout_s,
-          verify_wait_s, max_new_tokens_limit, max_prompt_tokens, draft_prefill, verifier_resume_attempts,
-          verifier_resume_within_s,
+def serve(model, verify_addr, verify_port_file, dtype, cpu_kernels, default_budget, default_max_branches, context_copy,
+          verify_timeout_s, verify_wait_s, max_new_tokens_limit, max_prompt_tokens, draft_prefill,
+          verifier_resume_attempts, verifier_resume_within_s,
           verify_tls_ca, verify_tls_cert, verify_tls_key, verify_server_name, verify_auth_token_file, http_port,
           settings: ServeSettings):
     """Serve the Drafter RPCs (Session, Generate, GetModelInfo), and the HTTP API with --http-port."""
+    if (verify_addr is None) == (verify_port_file is None):
+        raise click.UsageError("name the verify service: --verify-addr, or --verify-port-file")
     setup_process(settings)
+    if verify_port_file is not None:
+        verify_addr = f"127.0.0.1:{_wait_for_verifier_port(verify_port_file, verify_wait_s)}"
     try:
         verify_security = ChannelSecurity(verify_tls_ca, verify_tls_cert, verify_tls_key,
                                           read_token(verify_auth_token_file), verify_server_name)
@@ -101,10 +110,6 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
         ("grpc.max_send_message_length", settings.server.max_message_bytes),
         # Each session is one stream on one verifier; spread sessions over all resolved verifiers.
         ("grpc.lb_policy_name", "round_robin"),
-        # Reconnect to a lost verifier within seconds (gRPC's default backoff grows to two minutes), so
-        # sessions resuming after a verifier restart find it soon after it is back.
-        ("grpc.initial_reconnect_backoff_ms", 500),
-        ("grpc.max_reconnect_backoff_ms", 5000),
     ])
     config = DrafterConfig(default_budget=default_budget, default_max_branches=default_max_branches,
                            context_copy=context_copy, verify_timeout_s=verify_timeout_s,
@@ -112,7 +117,7 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
                            max_batch_tokens=settings.max_batch_tokens, max_batch_sessions=settings.max_batch_sessions,
                            draft_prefill_first=draft_prefill == "parallel",
                            resume=ResumePolicy(verifier_resume_attempts, verifier_resume_within_s))
-    metrics = ServiceMetrics("draft")
+    metrics = ServiceMetrics()
     sessions = SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s)
     servicer = DrafterServicer(config, channel, sessions, metrics, verify_security.metadata)
     server = start_server(settings, "duo.v1.Drafter", duo_pb2_grpc.add_DrafterServicer_to_server, servicer, metrics,
@@ -143,24 +148,39 @@ def serve(model, verify_addr, dtype, cpu_kernels, default_budget, default_max_br
     server.serve_until_signal(settings.grace_s, on_stop=stop_http)
     stop_http()  # waits for HTTP's drain to end
     servicer.close()
+    exit_drained()
+
+
+def _wait_for_verifier_port(port_file: Path, wait_s: float) -> int:
+    """The port a verify service on loopback announces in ``port_file`` (written whole, then renamed)."""
+    deadline = time.monotonic() + wait_s
+    with reported(log, f"waiting for the verify service to announce its port in {port_file}"):
+        while not port_file.exists():
+            if time.monotonic() > deadline:
+                log.error("no verify service announced its port in %s within %.0f s", port_file, wait_s)
+                sys.exit(3)
+            time.sleep(0.05)
+    return int(port_file.read_text())
 
 
 def _wait_for_compatible_verifier(servicer: DrafterServicer, verify_addr: str, wait_s: float) -> None:
     """Refuse to serve an incompatible pair; wait (a while) for a verifier that is still starting."""
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            target = servicer.target_info()
-            log.info("verifier %s runs %s: compatible", verify_addr, target.model_name)
-            return
-        except FailedPrecondition as exc:
-            log.error("%s", exc)
-            sys.exit(2)
-        except Unavailable as exc:
-            if time.monotonic() > deadline:
-                log.error("verify service at %s unavailable for %.0f s: %s", verify_addr, wait_s, exc)
-                sys.exit(3)
-            time.sleep(0.5)
+    with reported(log, f"waiting for the verify service at {verify_addr}"):
+        while True:
+            try:
+                target = servicer.target_info()
+                log.info("verifier %s runs %s: compatible", verify_addr, target.model_name)
+                return
+            except FailedPrecondition as exc:
+                log.error("%s", exc)
+                sys.exit(2)
+            except Unavailable as exc:
+                if time.monotonic() > deadline:
+                    log.error("verify service at %s unavailable for %.0f s: %s", verify_addr, wait_s, exc)
+                    sys.exit(3)
+                # Soon after the verifier serves: the draft service starts serving no later than that.
+                time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from duo.common.tree import ROOT, TokenTree
+from duo.common.tree import ROOT, TokenTree, path_along
 
 MAX_WIDTH = 8  # the most children per node any request may ask for
 
@@ -141,6 +141,9 @@ class DraftTree:
     def children(self, node: int) -> list[int]:
         return self.root_children if node == ROOT else self.nodes[node].children
 
+    def token(self, node: int) -> int:
+        return self.nodes[node].token
+
     def next_probs(self, node: int) -> torch.Tensor | None:
         return self.root_probs if node == ROOT else self.nodes[node].next_probs
 
@@ -231,13 +234,7 @@ class DraftTree:
 
     def descend(self, tokens: list[int]) -> list[int]:
         """The drafted nodes along ``tokens`` from the root, as far as they match."""
-        path, node = [], ROOT
-        for token in tokens:
-            node = next((child for child in self.children(node) if self.nodes[child].token == token), None)
-            if node is None:
-                break
-            path.append(node)
-        return path
+        return path_along(self, tokens)
 
     def subtree(self, node: int) -> list[int]:
         """Descendants of ``node`` (not itself), in index order."""

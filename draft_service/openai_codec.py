@@ -12,7 +12,7 @@ Responses carry duo's own numbers in a ``duo`` object, leaving the OpenAI shape 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from duo.common.errors import DuoError, InvalidArgument, UpstreamError
 from duo.common.events import FinishedEvent, SessionStats
@@ -197,42 +197,28 @@ def _optional(fields: dict, name: str, check, where: str | None = None):
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no integer
 
 
-def _integer(value: Any, name: str) -> int:
-    if not _is_int(value):
-        raise InvalidField(name, f"{name} must be an integer, got {_shown(value)}")
-    return value
+def _json_kind(kind: str, accepts: Callable[[Any], bool]) -> Callable[[Any, str], Any]:
+    """A check that a JSON value is ``kind`` (as the refusal says it): ``check(value, name)`` returns it."""
+    def check(value: Any, name: str) -> Any:
+        if not accepts(value):
+            raise InvalidField(name, f"{name} must be {kind}, got {_shown(value)}")
+        return value
+    return check
+
+
+_integer = _json_kind("an integer", _is_int)
+_number = _json_kind("a number", lambda value: _is_int(value) or isinstance(value, float))
+_boolean = _json_kind("true or false", lambda value: isinstance(value, bool))
+_string = _json_kind("a string", lambda value: isinstance(value, str))
+_object = _json_kind("an object", lambda value: isinstance(value, dict))
 
 
 def _positive_int(value: Any, name: str) -> int:
     if _integer(value, name) < 1:
         raise InvalidField(name, f"{name} must be at least 1, got {value}")
-    return value
-
-
-def _number(value: Any, name: str) -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        raise InvalidField(name, f"{name} must be a number, got {_shown(value)}")
-    return value
-
-
-def _boolean(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidField(name, f"{name} must be true or false, got {_shown(value)}")
-    return value
-
-
-def _string(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidField(name, f"{name} must be a string, got {_shown(value)}")
-    return value
-
-
-def _object(value: Any, name: str) -> dict:
-    if not isinstance(value, dict):
-        raise InvalidField(name, f"{name} must be an object, got {_shown(value)}")
     return value
 
 

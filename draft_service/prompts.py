@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from duo.common import codec
 from duo.common.errors import InvalidArgument
 from duo.common.generation_spec import ChatMessage, ChatPrompt, ChatRole, Prompt, TextPrompt, TokenIdsPrompt
+from duo.common.limits import checked_token_ids
+from duo.common.prompt_sets import chat_template_ids
 
 MAX_PROMPT_CHARS = 1_000_000  # of a text prompt, and of a chat's messages together
 MAX_CHAT_MESSAGES = 4096
@@ -44,7 +45,7 @@ class PromptEncoder:
         if isinstance(prompt, TokenIdsPrompt):
             if not prompt.ids:
                 raise InvalidArgument("the prompt is empty: give some text or token ids")
-            return codec.token_ids_from_pb(prompt.ids, vocab_size, "prompt")
+            return checked_token_ids(prompt.ids, vocab_size, "prompt")
         raise TypeError(f"not a prompt: {prompt!r}")
 
     def encode_text(self, text: str, apply_chat_template: bool | None) -> tuple[int, ...]:
@@ -85,12 +86,9 @@ class PromptEncoder:
     def _through_template(self, messages: tuple[ChatMessage, ...]) -> tuple[int, ...]:
         conversation = [{"role": message.role.value, "content": message.content} for message in messages]
         try:
-            ids = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False)
+            ids = chat_template_ids(self._tokenizer, conversation)
         except TemplateError as exc:  # e.g. a template that wants user and assistant turns to alternate
             raise InvalidArgument(f"the chat template refused these messages: {exc}") from exc
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
         return _checked_ids(ids)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from typing import Iterator
 
 import grpc
 
@@ -45,17 +46,18 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
         return self.factory.target_info()
 
     @translate_errors
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         return codec.model_info_to_pb(self.factory.model().info)
 
     @translate_errors
-    def Generate(self, request, context):
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateEvent]:
         with self._sessions.hold(context.cancel) as lease:
             generation = self._start(request, context, lease)
             yield from lease.delivered(_events_pb(generation))  # a caller that stops reading is reaped
 
     @translate_errors
-    def Session(self, request_iterator, context):
+    def Session(self, request_iterator: Iterator[pb.SessionRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.GenerateEvent]:
         with self._sessions.hold(context.cancel) as lease:  # before the opening: a silent stream counts too
             opening = next(lease.messages(request_iterator), None)
             if opening is None or opening.WhichOneof("message") != "start":
@@ -65,11 +67,11 @@ class DrafterServicer(duo_pb2_grpc.DrafterServicer):
                              daemon=True).start()
             yield from lease.delivered(_events_pb(generation))  # a caller that stops reading is reaped
 
-    def _start(self, request: pb.GenerateRequest, context, lease: Lease) -> Generation:
+    def _start(self, request: pb.GenerateRequest, context: grpc.ServicerContext, lease: Lease) -> Generation:
         return self.factory.start(codec.generation_spec_from_pb(request), lease, gone=lambda: not context.is_active())
 
 
-def _events_pb(generation: Generation):
+def _events_pb(generation: Generation) -> Iterator[pb.GenerateEvent]:
     with contextlib.closing(generation.events) as events:  # a call that ends early ends the session at once
         yield pb.GenerateEvent(started=_started_pb(generation.start))
         for event in events:
@@ -81,7 +83,7 @@ def _started_pb(start: SessionStart) -> pb.Started:
     return pb.Started(request_id=start.request_id, prompt_tokens=start.prompt_tokens, budget=budget)
 
 
-def _follow_budget_updates(request_iterator, budget: SessionBudget) -> None:
+def _follow_budget_updates(request_iterator: Iterator[pb.SessionRequest], budget: SessionBudget) -> None:
     """Apply the client's BudgetUpdate messages until it half-closes or the call ends."""
     try:
         for request in request_iterator:

@@ -34,6 +34,7 @@ from duo.common.decoder_ops import SHORT_QUERY_TOKENS
 from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable, UpstreamError
 from duo.common.events import CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent, SessionStats
 from duo.common.generation_spec import GenerationSpec, Prompt
+from duo.common.limits import check_prompt_fits, checked_token_ids
 from duo.common.metrics import ServiceMetrics
 from duo.common.models import LoadedModel, ModelInfo
 from duo.common.pass_scheduler import PassScheduler
@@ -88,7 +89,7 @@ class SessionFactory:
         self.config = config
         self._verify_channel = verify_channel
         self._verify_metadata = verify_metadata  # e.g. the bearer token the verifier expects
-        self._metrics = metrics or ServiceMetrics("draft")
+        self._metrics = metrics or ServiceMetrics()
         self._verifier_stub = duo_pb2_grpc.VerifierStub(verify_channel)
         self._loaded: LoadedModel | None = None
         self._encoder: PromptEncoder | None = None
@@ -238,11 +239,7 @@ class SessionFactory:
         limit = self.config.max_prompt_tokens
         ids = self._encoder.encode(prompt, target.vocab_size,
                                    min(target.max_context_tokens - 1, limit or target.max_context_tokens))
-        if len(ids) >= target.max_context_tokens:
-            raise InvalidArgument(
-                f"the prompt has {len(ids)} tokens; the target's context holds {target.max_context_tokens} "
-                "including at least one new token"
-            )
+        check_prompt_fits(len(ids), target.max_context_tokens)
         if limit is not None and len(ids) > limit:
             raise InvalidArgument(f"the prompt has {len(ids)} tokens; this service accepts at most {limit}")
         return ids
@@ -253,7 +250,7 @@ class SessionFactory:
         limit and the text streamed go on exactly where that call left them."""
         if not delivered:
             return ()
-        delivered = codec.token_ids_from_pb(delivered, target.vocab_size, "continuation")
+        delivered = checked_token_ids(delivered, target.vocab_size, "continuation")
         if len(prompt) + len(delivered) > target.max_context_tokens:
             raise InvalidArgument(f"the prompt and the {len(delivered)} delivered tokens exceed the target's "
                                   f"context ({target.max_context_tokens}): they are not this request's")
@@ -264,8 +261,7 @@ class SessionFactory:
 
     def _session_budget(self, spec: GenerationSpec, target: ModelInfo) -> SessionBudget:
         """The request's budget; else this service's default: its latency-aware controller, starting from what
-        earlier sessions measured, or a fixed budget (configured, or where a seed must reproduce its samples:
-        a budget that follows timings would change which random numbers each token draws)."""
+        earlier sessions measured, or the configured fixed budget."""
         limit = target.max_tree_nodes
         if spec.budget is not None:
             return SessionBudget(spec.budget.max_draft_tokens, limit, spec.budget.max_branches)
@@ -273,9 +269,6 @@ class SessionFactory:
         config = replace(config, initial_budget=min(config.initial_budget, limit),
                          max_budget=min(config.max_budget, limit))
         fixed = self.config.default_budget
-        params = spec.decoding
-        if fixed is None and params.seed is not None and params.temperature > 0:
-            fixed = config.initial_budget
         if fixed is not None:
             return SessionBudget(min(fixed, limit), limit, config.max_branches)
         return SessionBudget(0, limit, config.max_branches, AdaptiveBudget(config, self._estimates))

@@ -13,9 +13,9 @@ prefills in parallel. Budget 0 means no speculation: the target alone, one token
 A session that loses its verifier (``VerifierLost``) opens a new verifier session on the prompt plus every
 token committed so far, through ``reconnect`` (the same address: a restarted verifier, or another replica
 behind it), and carries on: that session's first token is the round's. The caller sees a delay, never an
-error, while ``ResumePolicy`` lasts. Greedy output is the same as without the fault; sampled output keeps
-the target's distribution (a new verifier session draws fresh random numbers, so a seeded session that
-resumed does not repeat the unfaulted run's samples).
+error, while ``ResumePolicy`` lasts. Greedy and seeded output is the same as without the fault (a seeded
+session's draws depend on the seed and the position only: ``duo.common.sampling``); unseeded sampled output
+keeps the target's distribution.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-from duo.draft_service.tree_drafter import TreeDrafter
+from duo.draft_service.drafter import Drafter
 from duo.draft_service.verifier_link import PrefillReply, VerdictReply, VerifierLost
 from duo.common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
 from duo.common.params import DecodingParams
@@ -57,23 +57,17 @@ class SessionPlan:
     overlap: bool = True  # draft the next round while the verifier works (False: the sequential schedule)
     draft_prefill_first: bool = True  # the draft prefills beside the target's prefill (False: after the first token)
 
-    @property
-    def reproducible(self) -> bool:
-        """A seeded sampled session: the random draws must not depend on timing, so drafting ahead always
-        drafts the same amount instead of stopping when the verdict arrives."""
-        return self.params.seed is not None and not self.params.is_greedy
-
 
 class _DraftPrefill:
     """The draft model reading the prompt in a thread of its own; ``join`` raises what it raised (e.g.
     Cancelled: the caller went away while its forward waited for a pass)."""
 
-    def __init__(self, drafter: TreeDrafter, prompt: tuple[int, ...]):
+    def __init__(self, drafter: Drafter, prompt: tuple[int, ...]):
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(drafter, list(prompt)), daemon=True)
         self._thread.start()
 
-    def _run(self, drafter: TreeDrafter, prompt: list[int]) -> None:
+    def _run(self, drafter: Drafter, prompt: list[int]) -> None:
         try:
             drafter.prefill(prompt)
         except BaseException as exc:  # noqa: BLE001 - handed to the session's thread at join
@@ -90,7 +84,7 @@ class SpeculativeSession:
         self,
         plan: SessionPlan,
         link: VerifierLink,
-        make_drafter: Callable[[], TreeDrafter],
+        make_drafter: Callable[[], Drafter],
         stop: StopChecker,
         budget: Callable[[], int],
         reconnect: Callable[[], VerifierLink] | None = None,
@@ -202,7 +196,7 @@ class SpeculativeSession:
             return prefill
         raise lost
 
-    def _resumed_round(self, committed: list[int], tree: TokenTree, drafter: TreeDrafter | None,
+    def _resumed_round(self, committed: list[int], tree: TokenTree, drafter: Drafter | None,
                        draft_before: tuple[float, int], lost: VerifierLost) -> CommittedEvent:
         """The round whose verdict was lost: a new verifier session on everything committed gives the
         target's next token (as a verdict accepting none of the proposal would)."""
@@ -221,22 +215,21 @@ class SpeculativeSession:
         self._account(timings)
         return self._commit(committed, [prefill.first_token], timings)
 
-    def _start_drafter(self) -> tuple[TreeDrafter | None, _DraftPrefill | None]:
+    def _start_drafter(self) -> tuple[Drafter | None, _DraftPrefill | None]:
         if self._budget() == 0:
             return None, None
         drafter = self._make_drafter()
         return drafter, _DraftPrefill(drafter, self._plan.prompt)
 
-    def _propose(self, drafter: TreeDrafter | None, committed: list[int], room: int) -> TokenTree:
+    def _propose(self, drafter: Drafter | None, committed: list[int], room: int) -> TokenTree:
         if drafter is None or room <= 0:
             return TokenTree.empty()
         drafter.commit(committed)
         return drafter.propose(room)
 
-    def _draft_ahead(self, drafter: TreeDrafter, target_ahead: int) -> None:
-        """Keep drafting while the verifier works, until its verdict arrives (unless the session must be
-        reproducible) or enough is drafted."""
-        while (self._plan.reproducible or not self._link.verdict_ready()) and drafter.grow_ahead(target_ahead):
+    def _draft_ahead(self, drafter: Drafter, target_ahead: int) -> None:
+        """Keep drafting while the verifier works, until its verdict arrives or enough is drafted."""
+        while not self._link.verdict_ready() and drafter.grow_ahead(target_ahead):
             pass
 
     def _commit(self, committed: list[int], new_tokens: list[int], timings: RoundTimings | None) -> CommittedEvent:

@@ -29,7 +29,7 @@ from duo.common.kv_cache import new_cache
 from duo.common.models import select_cache_positions, truncate_cache
 from duo.common.params import DecodingParams
 from duo.common.pass_scheduler import PassScheduler
-from duo.common.sampling import derived_seed, logits_to_probs, make_generator, sample, without_tokens
+from duo.common.sampling import derived_seed, logits_to_probs, make_generator, race, race_noise, sample, without_tokens
 from duo.common.tree import ROOT, TokenTree
 
 
@@ -50,9 +50,9 @@ class TreeDrafter:
         self._model = model
         self._passes = passes  # forward passes shared with the service's other sessions (None: alone)
         self._gone = gone  # the session's caller has gone: its queued forwards are dropped (Cancelled)
-        self._device = next(model.parameters()).device
         self._params = params
-        self._generator = make_generator(derived_seed(params.seed, "draft"))
+        self._generator = make_generator(derived_seed(params.seed, "draft"))  # unseeded sampling's draws
+        self._race_noise: dict[int, torch.Tensor] = {}  # seeded sampling: the target's noise, by position
         self._target_vocab_size = target_vocab_size
         self._stop_token_ids = stop_token_ids  # drafting past these is wasted work
         self._max_tokens = max_tokens  # longest sequence the drafter may build (context limit)
@@ -72,10 +72,6 @@ class TreeDrafter:
     def width(self) -> int:
         """Children per node this round: the session's max_branches, 1 without tree attention."""
         return max(1, min(self._max_branches(), MAX_WIDTH)) if self._tree_attention else 1
-
-    @property
-    def tree_size(self) -> int:
-        return len(self._tree)
 
     def prefill(self, prompt: list[int]) -> None:
         """Feed the prompt ahead of time (overlapping the target's prefill)."""
@@ -101,6 +97,8 @@ class TreeDrafter:
             self._fed = common
             self._tree = DraftTree()
         self._committed = list(committed)
+        self._race_noise = {position: noise for position, noise in self._race_noise.items()
+                            if position >= len(committed)}
         if self._copy is not None:
             self._copy.observe(self._committed)
         self._proposed = set()
@@ -112,7 +110,7 @@ class TreeDrafter:
             pass
         chosen = self._tree.select(max_nodes, self.width)
         self._proposed = set(chosen)
-        return self._tree.proposal(chosen, with_probs=not self._params.is_greedy)
+        return self._tree.proposal(chosen, with_probs=self._params.needs_draft_probs)
 
     def grow_ahead(self, target_nodes: int) -> bool:
         """Draft ahead (while the verifier works) until the tree holds ``target_nodes`` × width nodes; in
@@ -144,10 +142,7 @@ class TreeDrafter:
             distribution = without_tokens(self._tree.next_probs(candidate.parent), siblings)
             if distribution is None:
                 continue  # no probability left for another sibling
-            if self._params.is_greedy:
-                token, draft_probs = int(distribution.argmax()), None
-            else:
-                token, draft_probs = sample(distribution, self._generator), distribution
+            token, draft_probs = self._draw(distribution, candidate.parent)
             # the prior, never the drawn token's probability: a node's fate must not depend on its own token
             added.append(self._tree.add(candidate.parent, token, candidate.prior, draft_probs))
         if not added:
@@ -157,6 +152,19 @@ class TreeDrafter:
             self._tree.set_next_probs(node, self._probs(logits[row], node))
         self.tokens_drafted += len(added)
         return True
+
+    def _draw(self, distribution: torch.Tensor, parent: int) -> tuple[int, torch.Tensor | None]:
+        """A child's token, and the distribution to send with it when the verifier needs one. Seeded sampling
+        runs the target's race (same seed, same position) on the draft's distribution: where the two
+        distributions agree on the winner, the drafted token is the one the target will draw."""
+        if self._params.is_greedy:
+            return int(distribution.argmax()), None
+        if self._params.is_seeded_sampling:
+            position = len(self._committed) + self._tree.depth(parent)
+            if position not in self._race_noise:
+                self._race_noise[position] = race_noise(self._params.seed, position, distribution.shape[-1])
+            return int(race(distribution, self._race_noise[position])), None
+        return sample(distribution, self._generator), distribution
 
     def _expandable(self, node: int) -> bool:
         token = self._committed[-1] if node == ROOT else self._tree.nodes[node].token

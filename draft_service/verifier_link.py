@@ -15,6 +15,7 @@ import grpc
 
 from duo.common import codec
 from duo.common.errors import FailedPrecondition, Unavailable
+from duo.common.keepalive import connection_lost
 from duo.common.params import DecodingParams
 from duo.common.tree import TokenTree
 from duo.protos import duo_pb2 as pb
@@ -126,8 +127,8 @@ class GrpcVerifierLink:
         except queue.Empty:
             raise VerifierLost(f"the verify service sent nothing for {self._timeout_s:.0f} s") from None
         if isinstance(item, grpc.RpcError):
-            if item.code() == grpc.StatusCode.UNAVAILABLE:
-                raise VerifierLost(f"verify service: UNAVAILABLE: {item.details()}") from item
+            if connection_lost(item):
+                raise VerifierLost(f"verify service: {item.code().name}: {item.details()}") from item
             raise item
         if item is None:
             raise VerifierLost("the verify service closed the session stream")

@@ -11,8 +11,16 @@ multi-draft speculative sampling (SpecInfer's multi-step rule; Sequoia's without
 each child carries the distribution it was sampled from given its earlier siblings): try the children in
 order, accept child x with probability min(1, target(x) / draft(x)); after a rejection replace the target
 distribution by the normalised residual max(0, target - draft). The committed token then has exactly the
-target's distribution. Pure functions: tensors in, a dataclass out. Randomness comes from a ``Draws``
-object (the session's torch.Generator in production; an exhaustive enumerator in the exact tests).
+target's distribution. Randomness comes from a ``Draws`` object (the session's torch.Generator in
+production; an exhaustive enumerator in the exact tests).
+
+Seeded sampling fixes the target's token at every position before looking at the tree: the exponential race
+of the target's distribution against the noise of that position (``sampling.race_noise``), then walks the
+tree along those tokens as greedy does. Each token has exactly the target's distribution (the race draws
+from it, with noise no earlier position saw), and the output is the target's own for that seed, whatever was
+drafted: a resumed session, a different budget or another drafter reproduce it token for token.
+
+Pure functions: tensors in, a dataclass out.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from typing import Protocol
 
 import torch
 
-from duo.common.tree import ROOT, TokenTree
+from duo.common.sampling import race
+from duo.common.tree import ROOT, TokenTree, child_with_token
 
 
 @dataclass(frozen=True)
@@ -54,12 +63,24 @@ class TorchDraws:
 def accept_greedy(tree: TokenTree, target_logits: torch.Tensor) -> Acceptance:
     """Follow the target's argmax through the tree. target_logits: [num_nodes + 1, vocab], row 0 = root."""
     assert target_logits.shape[0] == len(tree) + 1, (target_logits.shape, len(tree))
-    target_tokens = target_logits.argmax(dim=-1).tolist()
+    return _follow(tree, target_logits.argmax(dim=-1).tolist())
+
+
+def accept_seeded(tree: TokenTree, target_probs: torch.Tensor, noise: torch.Tensor) -> Acceptance:
+    """Follow the target's seeded draws through the tree. target_probs: [num_nodes + 1, vocab], row 0 = root;
+    noise: [tree depth + 1, vocab], row d = the noise of the position d tokens after the root's."""
+    assert target_probs.shape[0] == len(tree) + 1, (target_probs.shape, len(tree))
+    depths = torch.tensor([0, *tree.depths()])
+    return _follow(tree, race(target_probs, noise[depths]).tolist())
+
+
+def _follow(tree: TokenTree, target_tokens: list[int]) -> Acceptance:
+    """Accept the path along the target's token at each node (row 0 = root) as far as the tree has it."""
     accepted: list[int] = []
     node = ROOT
     while True:
         wanted = target_tokens[node + 1]
-        match = next((child for child in tree.children(node) if tree.token_ids[child] == wanted), None)
+        match = child_with_token(tree, node, wanted)
         if match is None:
             return Acceptance(tuple(accepted), wanted)
         accepted.append(match)

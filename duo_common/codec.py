@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 
 import numpy as np
-import torch
 
 from duo.common.errors import InvalidArgument
 from duo.common.events import (BudgetSource, CommittedEvent, FinishedEvent, FirstTokenTimes, GenerationEvent,
@@ -73,6 +72,8 @@ DISTRIBUTION_SUM_TOLERANCE = 1e-3  # float32 sums over a vocabulary of 50k ids s
 def tree_from_pb(message: pb.TokenTree, vocab_size: int, max_nodes: int | None = None) -> TokenTree:
     """Decode a proposal tree; the caller validates its shape against its own limits. A tree larger than
     ``max_nodes`` is refused before its distributions are decoded."""
+    import torch  # here, not at the top: a client converts plain values without torch
+
     if max_nodes is not None and len(message.token_ids) > max_nodes:
         raise InvalidArgument(
             f"the proposal has {len(message.token_ids)} nodes; this verifier takes at most {max_nodes}")
@@ -104,6 +105,8 @@ def tree_from_pb(message: pb.TokenTree, vocab_size: int, max_nodes: int | None =
 
 
 def tree_to_pb(tree: TokenTree) -> pb.TokenTree:
+    import torch
+
     message = pb.TokenTree(token_ids=list(tree.token_ids), parent_indices=list(tree.parents))
     if tree.draft_probs is not None:
         for row in tree.draft_probs.to(torch.float32).cpu().numpy().astype("<f4"):
@@ -112,31 +115,12 @@ def tree_to_pb(tree: TokenTree) -> pb.TokenTree:
 
 
 def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(
-        model_name=info.model_name,
-        vocab_size=info.vocab_size,
-        tokenizer_fingerprint=info.tokenizer_fingerprint,
-        eos_token_ids=list(info.eos_token_ids),
-        max_context_tokens=info.max_context_tokens,
-        device=info.device,
-        dtype=info.dtype,
-        max_tree_nodes=info.max_tree_nodes,
-        tree_attention=info.tree_attention,
-    )
+    return pb.ModelInfo(**asdict(info))  # the message's fields are the dataclass's, name for name
 
 
 def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        model_name=message.model_name,
-        vocab_size=message.vocab_size,
-        tokenizer_fingerprint=message.tokenizer_fingerprint,
-        eos_token_ids=tuple(message.eos_token_ids),
-        max_context_tokens=message.max_context_tokens,
-        device=message.device,
-        dtype=message.dtype,
-        max_tree_nodes=message.max_tree_nodes,
-        tree_attention=message.tree_attention,
-    )
+    values = {name: getattr(message, name) for name in _fields(ModelInfo)}
+    return ModelInfo(**values | {"eos_token_ids": tuple(message.eos_token_ids)})
 
 
 def finish_reason_to_pb(reason: FinishReason) -> int:
@@ -204,15 +188,6 @@ def chat_from_pb(message: pb.ChatMessages) -> tuple[ChatMessage, ...]:
 
 def chat_to_pb(messages: tuple[ChatMessage, ...]) -> pb.ChatMessages:
     return pb.ChatMessages(messages=[pb.ChatMessage(role=item.role.value, content=item.content) for item in messages])
-
-
-def token_ids_from_pb(ids, vocab_size: int, what: str) -> tuple[int, ...]:
-    """Validate ids from the wire: every id within [0, vocab_size)."""
-    ids = tuple(int(i) for i in ids)
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise InvalidArgument(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-    return ids
 
 
 def event_to_pb(event: GenerationEvent) -> pb.GenerateEvent:

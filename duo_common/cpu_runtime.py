@@ -22,14 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from duo.common.cli_options import KERNEL_CHOICES
 from duo.common.decoder_ops import SHORT_QUERY_TOKENS
 from duo.common.default_models import ModelNotAvailableError
 from duo.common.lean_llama import install_lean_forward, supports_lean_forward
 from duo.common.packed_linear import kernel_unavailable_reason, pack_linear_layers, use_threads
-
-KERNEL_CHOICES = ("auto", "packed", "torch")
-KERNELS_HELP = ("CPU matrix kernels: packed (duo's few-row kernel: verifying k tokens costs about as much as one), "
-                "torch, or auto (packed for a float32 model where the CPU has AVX-512 or AVX2 with FMA).")
 ATTENTION_NAME = "duo_grouped_query"
 
 

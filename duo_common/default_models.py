@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from duo.common.errors import StartupError
+from duo.common.progress import hide_progress_bars_off_terminal, reported
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,9 @@ def default_target_dir() -> Path:
         return target
     gguf_path = _locate_gguf()
     log.info("converting %s into %s (once; about a minute)", gguf_path, target)
-    _convert_gguf(gguf_path, target)
+    with reported(log, "converting the default target (once)"):
+        _convert_gguf(gguf_path, target)
+    log.info("converted the default target into %s", target)
     return target
 
 
@@ -110,6 +113,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    hide_progress_bars_off_terminal()
     folder, file_name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)

@@ -24,10 +24,6 @@ class ResourceExhausted(DuoError):
     status = "RESOURCE_EXHAUSTED"
 
 
-class NotFound(DuoError):
-    status = "NOT_FOUND"
-
-
 class Unavailable(DuoError):
     status = "UNAVAILABLE"
 

@@ -11,13 +11,12 @@ _BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class ServiceMetrics:
-    def __init__(self, service: str):
+    def __init__(self):
         self.registry = CollectorRegistry()
         labels = {"registry": self.registry}
         self.sessions_active = Gauge("duo_sessions_active", "Sessions running now", **labels)
         self.sessions_total = Counter("duo_sessions", "Sessions started", **labels)
         self.errors = Counter("duo_rpc_errors", "Calls that ended with a non-OK status", ["method", "code"], **labels)
-        self.service = service
         # verify service
         self.proposal_size = Histogram("duo_proposal_size_nodes", "Nodes per verified proposal",
                                        buckets=_SIZE_BUCKETS, **labels)

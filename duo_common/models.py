@@ -1,20 +1,27 @@
-"""Loading a Hugging Face causal LM and describing it (ModelInfo) for compatibility checks."""
+"""Loading a Hugging Face causal LM and describing it (ModelInfo) for compatibility checks.
+
+torch (and transformers) are imported by the functions that load or touch a model, not by this module: a
+client reads ModelInfo from here, and talking to a running pair must not cost it torch's import."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from duo.common.cpu_runtime import CpuRuntime, apply_cpu_runtime
 from duo.common.default_models import ModelNotAvailableError, check_local_model, resolve_model
+from duo.common.progress import hide_progress_bars_off_terminal, reported
+
+if TYPE_CHECKING:
+    import torch
+
+    from duo.common.cpu_runtime import CpuRuntime
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the --dtype choices besides auto (torch's names)
 
 
 @dataclass(frozen=True)
@@ -30,15 +37,23 @@ class ModelInfo:
     tree_attention: bool = False  # scores branching trees in one pass (checked at load); False: chains only
 
 
+def _torch_kernels() -> CpuRuntime:
+    from duo.common.cpu_runtime import CpuRuntime
+
+    return CpuRuntime("torch")
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     info: ModelInfo
-    runtime: CpuRuntime = CpuRuntime("torch")
+    runtime: CpuRuntime = field(default_factory=_torch_kernels)
 
 
 def pick_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -49,11 +64,13 @@ def pick_device(device: str) -> torch.device:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
     """``auto``: bfloat16 on CUDA; on the CPU the checkpoint's own dtype ("auto" for from_pretrained), so a
     float32 target stays exact and a draft shipped in bfloat16 runs in bfloat16."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else "auto"
-    if dtype not in DTYPES:
-        raise ModelNotAvailableError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise ModelNotAvailableError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, dtype)
 
 
 def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_kernels: str = "auto") -> LoadedModel:
@@ -61,16 +78,20 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_ker
     for ``cpu_kernels`` (``duo.common.cpu_runtime``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from duo.common.cpu_runtime import apply_cpu_runtime
+
     check_local_model(name)
     path = resolve_model(name)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelNotAvailableError(load_failure(name, exc)) from exc
-    model.to(torch_device).eval()
+    hide_progress_bars_off_terminal()
+    with reported(log, f"loading {name}"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelNotAvailableError(load_failure(name, exc)) from exc
+        model.to(torch_device).eval()
     info = ModelInfo(
         model_name=name,
         vocab_size=output_vocab_size(model),
@@ -80,7 +101,8 @@ def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto", cpu_ker
         device=str(torch_device),
         dtype=str(model.dtype).removeprefix("torch."),
     )
-    runtime = apply_cpu_runtime(model, cpu_kernels)
+    with reported(log, f"preparing the CPU kernels of {name}"):
+        runtime = apply_cpu_runtime(model, cpu_kernels)
     log.info("loaded %s on %s (%s, %s): vocab %d, context %d", name, info.device, info.dtype, runtime.describe(),
              info.vocab_size, info.max_context_tokens)
     return LoadedModel(model, tokenizer, info, runtime)
@@ -140,19 +162,21 @@ def truncate_cache(cache, keep_tokens: int) -> None:
         cache.crop(-excess)
 
 
-@torch.inference_mode()
 def select_cache_positions(cache, keep_from: int, positions: torch.Tensor) -> None:
     """Keep the cache's first ``keep_from`` positions followed by ``positions`` (absolute, ascending).
 
     Used after tree verification: the accepted path's entries are scattered among rejected siblings. They
     move down in place (each to a slot at or before its own), then the cache is cropped behind them.
     """
+    import torch
+
     keep = keep_from + len(positions)
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-            continue
-        index = positions.to(layer.keys.device)
-        layer.keys[..., keep_from:keep, :] = layer.keys.index_select(-2, index)
-        layer.values[..., keep_from:keep, :] = layer.values.index_select(-2, index)
-        layer.keys = layer.keys[..., :keep, :]
-        layer.values = layer.values[..., :keep, :]
+    with torch.inference_mode():
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            index = positions.to(layer.keys.device)
+            layer.keys[..., keep_from:keep, :] = layer.keys.index_select(-2, index)
+            layer.values[..., keep_from:keep, :] = layer.values.index_select(-2, index)
+            layer.keys = layer.keys[..., :keep, :]
+            layer.values = layer.values[..., :keep, :]

@@ -42,6 +42,17 @@ class DecodingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def is_seeded_sampling(self) -> bool:
+        """Sampling whose every token is fixed by the seed and its position (``sampling.race_noise``)."""
+        return self.seed is not None and not self.is_greedy
+
+    @property
+    def needs_draft_probs(self) -> bool:
+        """Unseeded sampling: the verifier accepts each drafted token against the distribution it was drawn
+        from. Greedy and seeded sampling fix the target's tokens without looking at the draft's."""
+        return not self.is_greedy and self.seed is None
+
 
 @dataclass(frozen=True)
 class StoppingParams:

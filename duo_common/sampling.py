@@ -1,5 +1,13 @@
-"""The one logits → probabilities transform. Draft and target both call it, so the distributions that
-speculative sampling compares are computed identically (a mismatch here silently breaks losslessness)."""
+"""The one logits → probabilities transform, and the random draws built on it.
+
+Draft and target both call ``logits_to_probs``, so the distributions that speculative sampling compares are
+computed identically (a mismatch here silently breaks losslessness).
+
+A seeded session draws each token by an exponential race with noise that is a function of the seed and the
+token's position only (``race_noise``): the token at a position is fixed by the seed and the target's
+distribution there, whatever was drafted, however the rounds fell and whichever verifier session computed
+it. The drafter runs the same race on its own distribution, so it proposes the target's token whenever the
+two distributions agree on the winner."""
 
 from __future__ import annotations
 
@@ -51,6 +59,26 @@ def derived_seed(seed: int | None, role: str) -> int | None:
         return None
     digest = hashlib.sha256(f"duo:{role}:{seed}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def race_noise(seed: int, position: int, vocab_size: int) -> torch.Tensor:
+    """Exponential(1) noise [vocab_size] for the token at ``position`` (its index in prompt + output) of a
+    session seeded with ``seed``: the same numbers in the drafter and in every verifier session."""
+    key = hashlib.sha256(f"duo:race:{seed}:{position}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return -torch.log(torch.rand(vocab_size, generator=generator))
+
+
+def race_noise_rows(seed: int, first_position: int, rows: int, vocab_size: int) -> torch.Tensor:
+    """``race_noise`` of ``rows`` consecutive positions from ``first_position``: [rows, vocab_size]."""
+    return torch.stack([race_noise(seed, first_position + row, vocab_size) for row in range(rows)])
+
+
+def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race over the last dimension: argmax of probs / noise, which is a draw from ``probs``
+    when the noise is iid Exponential(1) (token x finishes first with probability probs[x]). Ties, and a
+    zero noise (probability 2**-24 per entry), resolve deterministically."""
+    return (probs / noise).argmax(dim=-1)
 
 
 def without_tokens(probs: torch.Tensor, tokens: list[int]) -> torch.Tensor | None:

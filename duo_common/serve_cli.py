@@ -10,14 +10,15 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from duo.common.budget import parse_budget
 from duo.common.errors import InvalidArgument, StartupError
 from duo.common.metrics import ServiceMetrics
 from duo.common.rpc import PortUnavailable, ServerOptions, ServiceServer
@@ -46,15 +47,6 @@ class ServeSettings:
 
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def budget_option(ctx, param, value: str) -> int | None:
-    """A click callback for a draft-budget flag: ``auto`` → None (the latency-aware controller), else a number
-    of draft tokens (``duo.common.budget.parse_budget``)."""
-    try:
-        return parse_budget(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def common_serve_options(env_prefix: str):
@@ -142,6 +134,17 @@ def setup_process(settings: ServeSettings) -> None:
         import torch
 
         torch.set_num_threads(settings.threads)
+
+
+def exit_drained() -> NoReturn:
+    """End the process once its service has drained and closed: at once, skipping the interpreter's
+    finalisation, which takes a second or more with a model loaded (its objects freed one by one) and serves
+    nothing (no file is open for writing; logs and standard streams are flushed here). A client that stops
+    its embedded services waits for this exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def stop_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:

@@ -3,21 +3,27 @@
 Node i holds ``token_ids[i]`` and hangs under ``parents[i]`` (-1: the root, i.e. the last committed token,
 which the verifier feeds in front of the nodes). Parents precede children, so a tree can have no cycle.
 A chain is the tree whose node i hangs under node i - 1.
+
+Walking a tree along tokens (``child_with_token``, ``path_along``) is the same for the proposal and for the
+drafter's own tree (``duo.draft_service.draft_tree``): both answer ``children`` and ``token``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from duo.common.errors import InvalidArgument
 
+if TYPE_CHECKING:  # torch is imported where a tensor is made: a client reads this module without it
+    import torch
+
 ROOT = -1
 
-# Token-tree width (children per node; 1: chains) where neither the client nor the request says. With duo's
-# default draft on 128 validation answers to prompts the target wrote (drafter simulation, greedy), width 3
-# committed 3.39 tokens per round at 8 nodes against 3.32 for width 2, and 2.73 against 2.73 at 4 nodes.
+# Token-tree width (children per node; 1: chains) where neither the client nor the request says: with duo's
+# default draft, width 3 commits at least as many tokens per round as width 2 at 4 and 8 nodes in the
+# drafter simulation (benchmarks/draft_quality.py; the figures are in benchmarks/RESULTS.md).
 DEFAULT_MAX_BRANCHES = 3
 
 
@@ -68,6 +74,9 @@ class TokenTree:
         """Children of ``node`` (ROOT for the root's), in proposal order."""
         return [index for index, parent in enumerate(self.parents) if parent == node]
 
+    def token(self, node: int) -> int:
+        return self.token_ids[node]
+
     def depths(self) -> list[int]:
         """Depth of each node; the root's children have depth 1."""
         depths: list[int] = []
@@ -77,6 +86,8 @@ class TokenTree:
 
     def ancestor_mask(self) -> torch.Tensor:
         """[num_nodes + 1, num_nodes + 1] bool: row r may attend to column c (root is row/column 0)."""
+        import torch
+
         size = len(self) + 1
         mask = torch.zeros(size, size, dtype=torch.bool)
         mask[:, 0] = True
@@ -88,3 +99,26 @@ class TokenTree:
             mask[row, row] = True
             mask[row, 0] = True
         return mask
+
+
+class TokenNodes(Protocol):
+    """A tree of tokens as a walk needs it: node indices, ROOT for the root."""
+
+    def children(self, node: int) -> list[int]: ...
+    def token(self, node: int) -> int: ...
+
+
+def child_with_token(tree: TokenNodes, node: int, token: int) -> int | None:
+    """The first child of ``node``, in proposal order, that holds ``token``; None if none does."""
+    return next((child for child in tree.children(node) if tree.token(child) == token), None)
+
+
+def path_along(tree: TokenNodes, tokens: Sequence[int]) -> list[int]:
+    """The nodes from the root down along ``tokens``, as far as the tree holds them."""
+    path, node = [], ROOT
+    for token in tokens:
+        node = child_with_token(tree, node, token)
+        if node is None:
+            break
+        path.append(node)
+    return path

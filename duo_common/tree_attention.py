@@ -17,6 +17,7 @@ import torch
 from duo.common.kv_cache import cache_argument, new_cache
 from duo.common.models import output_vocab_size
 from duo.common.tree import TokenTree
+from duo.common.verdict_cache import read_verdict, verdict_key, write_verdict
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,25 @@ def _check_token_ids(model: torch.nn.Module, count: int) -> list[int]:
 
 
 def supports_tree_attention(model: torch.nn.Module) -> bool:
-    """One-time check: does the model's tree forward match sequential computation? Logs the verdict."""
+    """One-time check: does the model's tree forward match sequential computation? Logs the verdict, and keeps
+    it in duo's cache for the next load of the same model with the same code (``verdict_cache``)."""
+    key = verdict_key("tree-attention", model)
+    if key is not None and (verdict := read_verdict(key)) is not None:
+        if verdict:
+            log.info("%s: tree attention matches sequential logits (an earlier self-check's verdict)",
+                     type(model).__name__)
+        else:
+            log.warning("%s: tree attention differs from sequential logits (an earlier self-check's verdict): "
+                        "chains only", type(model).__name__)
+        return verdict
+    verdict = _tree_attention_matches(model)
+    if key is not None and verdict is not None:
+        write_verdict(key, verdict)
+    return bool(verdict)
+
+
+def _tree_attention_matches(model: torch.nn.Module) -> bool | None:
+    """The self-check; None where it could not run (not kept: it may run another time)."""
     ids = _check_token_ids(model, _CHECK_PREFIX_LENGTH + len(_CHECK_TREE_SHAPE))
     prefix, nodes = ids[:_CHECK_PREFIX_LENGTH], ids[_CHECK_PREFIX_LENGTH:]
     tree = TokenTree(tuple(nodes), _CHECK_TREE_SHAPE)
@@ -106,7 +125,7 @@ def supports_tree_attention(model: torch.nn.Module) -> bool:
         reference = sequential_logits(model, prefix, tree)
     except Exception as exc:  # noqa: BLE001 - any failure means: no custom masks for this model
         log.warning("%s cannot take a tree attention mask (%s): chains only", type(model).__name__, exc)
-        return False
+        return None
     error = float((tree_out - reference).abs().max() / reference.abs().max().clamp(min=1.0))
     if not error <= SELF_CHECK_TOLERANCE.get(model.dtype, HALF_PRECISION_TOLERANCE):
         log.warning("%s: tree attention differs from sequential logits (relative error %.2e): chains only",

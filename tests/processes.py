@@ -26,3 +26,19 @@ def children_of(pid: int) -> list[int]:
 def running(pid: int) -> bool:
     info = parent_and_state(pid)
     return info is not None and info[1] not in "ZX"  # a zombie has stopped; only its exit status is left
+
+
+def processes_with(in_command: str, in_environment: str) -> list[int]:
+    """Running processes whose command line holds ``in_command`` and whose environment holds ``in_environment``
+    (e.g. ``NAME=VALUE``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command, environment = (entry / "cmdline").read_bytes(), (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if in_command.encode() in command and in_environment.encode() in environment.split(b"\0"):
+            found.append(int(entry.name))
+    return [pid for pid in found if running(pid)]

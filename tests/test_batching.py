@@ -139,7 +139,7 @@ def test_sessions_verified_together_get_what_each_gets_alone(kernels):
         ((2, 3), sampled, [sampled_tree, sampled_tree, TokenTree.empty(), sampled_tree]),
         (tuple(range(60, 81)), DecodingParams(), [TokenTree.empty()] * 4),
     ]
-    metrics = ServiceMetrics("verify")
+    metrics = ServiceMetrics()
     with_batching = VerifyScheduler(verifier, max_batch_tokens=64, max_batch_sessions=8, metrics=metrics)
     one_per_pass = VerifyScheduler(verifier, max_batch_sessions=1)
     try:

@@ -100,10 +100,18 @@ def test_the_drafter_proposes_the_copy_of_a_long_repeat():
 
 
 def test_sampled_drafts_carry_the_mixed_distribution_they_were_drawn_from():
-    drafter = repeating_drafter(DecodingParams(temperature=1.0, seed=3), context_copy=True, max_branches=2)
+    # unseeded sampling: the verifier accepts each token against the distribution it was drawn from
+    drafter = repeating_drafter(DecodingParams(temperature=1.0), context_copy=True, max_branches=2)
     proposal = drafter.propose(4)
     assert proposal.draft_probs is not None
     root_rows = [row for row, parent in enumerate(proposal.parents) if parent == -1]
     first = proposal.draft_probs[root_rows[0]]
     assert float(first[7]) >= ContextCopy().rate(MAX_MATCH)  # the copy's share at least its prior rate
     assert float(first.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_seeded_drafts_carry_no_distributions():
+    # seeded sampling: the verifier fixes each token by the seed and its position, not by the draft's odds
+    drafter = repeating_drafter(DecodingParams(temperature=1.0, seed=3), context_copy=True, max_branches=2)
+    proposal = drafter.propose(4)
+    assert len(proposal) == 4 and proposal.draft_probs is None

@@ -1,14 +1,32 @@
 """The draft-quality benchmark's round simulations (benchmarks/draft_quality.py) are exact: the one for duo's
-drafter agrees with the plain greedy-chain simulation where they must, and reproduces the target's tokens."""
+drafter agrees with the plain greedy-chain simulation where they must, and reproduces the target's tokens;
+the rounds they replay (``duo.common.greedy_rounds``) commit every token once."""
 
 from __future__ import annotations
 
 import pytest
 
 from benchmarks.draft_quality import greedy_decode, simulate_drafter, simulate_speculative
+from duo.common.greedy_rounds import replay_greedy_rounds
 from tests.tiny_models import VOCAB_SIZE, build_model, perturbed_copy
 
 PROMPT = [1, 5, 9, 20, 33, 7]
+
+
+@pytest.mark.parametrize("budget, rounds", [(0, 10), (1, 5), (4, 2), (20, 1)])
+def test_a_replay_accepting_every_proposal_commits_a_full_round_each_time(budget, rounds):
+    starts = []
+
+    def play_round(done, room):
+        starts.append((done, room))
+        return room
+
+    assert replay_greedy_rounds(10, budget, play_round) == (10, rounds)
+    assert all(done + room < 10 for done, room in starts)  # the target's own token always fits
+
+
+def test_a_replay_accepting_nothing_commits_the_targets_token_alone():
+    assert replay_greedy_rounds(7, 4, lambda done, room: 0) == (7, 7)
 
 
 @pytest.fixture(scope="module")

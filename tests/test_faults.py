@@ -7,6 +7,7 @@ import time
 from concurrent import futures
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duo.draft_service.readiness import follow_verifier
@@ -14,26 +15,32 @@ from duo.draft_service.servicer import DrafterConfig
 from duo.common.resume import ResumePolicy
 from duo.common import codec
 from duo.common.errors import Unavailable
+from duo.common.params import DecodingParams
 from duo.common.rpc import ServiceServer, translate_errors
 
 from duo.protos import duo_pb2 as pb
 from duo.protos import duo_pb2_grpc
 from tests.inprocess import draft_server, verify_server
 from tests.polling import eventually
-from tests.tiny_models import reference_greedy, save_pair
+from tests.tiny_models import reference_greedy, reference_seeded, save_pair
 
 
-def long_request(max_new_tokens=1500):
+SEEDED = DecodingParams(temperature=0.9, top_p=0.95, seed=42)
+
+
+def long_request(max_new_tokens=1500, decoding: DecodingParams = DecodingParams()):
     return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 9]), budget=pb.DraftBudget(max_draft_tokens=2),
-                              stopping=pb.StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+                              stopping=pb.StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+                              decoding=codec.decoding_to_pb(decoding))
 
 
-def test_a_generation_carries_on_exactly_when_its_verifier_restarts(tmp_path):
+@pytest.mark.parametrize("decoding", [DecodingParams(), SEEDED], ids=["greedy", "seeded-sampling"])
+def test_a_generation_carries_on_exactly_when_its_verifier_restarts(tmp_path, decoding):
     pair = save_pair(tmp_path, "llama", context=2048)
     verify_cm = verify_server(pair.target_dir)
     verify_addr, _ = verify_cm.__enter__()
     with draft_server(pair.draft_dir, verify_addr) as (draft_addr, _), grpc.insecure_channel(draft_addr) as channel:
-        events = iter(duo_pb2_grpc.DrafterStub(channel).Generate(long_request(800), timeout=120))
+        events = iter(duo_pb2_grpc.DrafterStub(channel).Generate(long_request(800, decoding), timeout=120))
         tokens = []
         for message in events:
             tokens.extend(message.committed.token_ids)
@@ -46,7 +53,10 @@ def test_a_generation_carries_on_exactly_when_its_verifier_restarts(tmp_path):
                 finished = codec.event_from_pb(message)
     assert finished.stats.verifier_resumes >= 1
     assert finished.stats.new_tokens == len(tokens) == 800
-    assert tokens == reference_greedy(pair.target, [1, 5, 9], 800, eos_token_id=None)
+    if decoding.is_greedy:
+        assert tokens == reference_greedy(pair.target, [1, 5, 9], 800, eos_token_id=None)
+    else:  # the seeded draws of the positions after the resume are those the lost verifier would have made
+        assert tokens == reference_seeded(pair.target, [1, 5, 9], 800, decoding)
 
 
 def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_path):

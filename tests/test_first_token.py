@@ -98,18 +98,41 @@ def generate(channel, prompt=(1, 5, 9, 20), tokens=8):
     return Orchestrator(channel, timeout_s=60).generate(request, FixedBudget(3))
 
 
-def test_sessions_after_the_first_start_without_a_model_info_round_trip(pair, monkeypatch):
-    asked = []
+@pytest.fixture
+def model_info_calls(monkeypatch) -> list:
+    """The GetModelInfo calls that verify services in this process answer."""
+    calls = []
     original = VerifierServicer.GetModelInfo
     monkeypatch.setattr(VerifierServicer, "GetModelInfo",
-                        lambda self, request, context: asked.append(1) or original(self, request, context))
+                        lambda self, request, context: calls.append(request) or original(self, request, context))
+    return calls
+
+
+def test_sessions_after_the_first_start_without_a_model_info_round_trip(pair, model_info_calls):
     with verify_server(pair.target_dir) as (verify_addr, _), \
             draft_server(pair.draft_dir, verify_addr) as (draft_addr, _), \
             grpc.insecure_channel(draft_addr) as channel:
         results = [generate(channel) for _ in range(3)]
-    assert len(asked) == 1
+    assert len(model_info_calls) == 1
     assert results[0].server_stats.first_token.model_info_s > 0
     assert [result.server_stats.first_token.model_info_s for result in results[1:]] == [0.0, 0.0]
+
+
+def test_a_restarted_verifier_is_asked_for_its_model_once_more(pair, model_info_calls):
+    """A new connection may reach another verifier: its model is asked for again, once."""
+    first = verify_server(pair.target_dir)
+    verify_addr, _ = first.__enter__()
+    port = int(verify_addr.rsplit(":", 1)[1])
+    with draft_server(pair.draft_dir, verify_addr) as (draft_addr, _), grpc.insecure_channel(draft_addr) as channel:
+        try:
+            generate(channel)
+        finally:
+            first.__exit__(None, None, None)
+        assert len(model_info_calls) == 1
+        with verify_server(pair.target_dir, port=port):  # back on the same address
+            results = [generate(channel) for _ in range(2)]
+    assert len(model_info_calls) == 2
+    assert [result.server_stats.first_token.model_info_s > 0 for result in results] == [True, False]
 
 
 def test_the_first_token_breakdown_adds_up(pair):

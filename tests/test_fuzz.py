@@ -119,12 +119,9 @@ def services(tmp_path_factory):
 
 def test_random_malformed_verify_streams_are_refused_cleanly(services):
     rng = random.Random(20261201)
-    seen = set()
     with grpc.insecure_channel(services.verify_addr) as channel:
         stub = duo_pb2_grpc.VerifierStub(channel)
-        for _ in range(150):
-            requests = random_verify_stream(rng)
-            seen.add(status_of(lambda: list(stub.Verify(iter(requests), timeout=30))))
+        seen = {status_of(lambda: list(stub.Verify(iter(random_verify_stream(rng)), timeout=30))) for _ in range(150)}
         assert eventually(lambda: len(services.verify_sessions) == 0)
         good = [pb.VerifyRequest(open=pb.VerifyOpen(prompt_token_ids=[1, 5, 9])),
                 pb.VerifyRequest(proposal=pb.Proposal(round=1, tree=pb.TokenTree(token_ids=[5], parent_indices=[-1])))]
@@ -134,12 +131,9 @@ def test_random_malformed_verify_streams_are_refused_cleanly(services):
 
 def test_random_malformed_generate_requests_are_refused_cleanly(services):
     rng = random.Random(1201)
-    seen = set()
     with grpc.insecure_channel(services.draft_addr) as channel:
         stub = duo_pb2_grpc.DrafterStub(channel)
-        for _ in range(120):
-            request = random_generate_request(rng)
-            seen.add(status_of(lambda: list(stub.Generate(request, timeout=60))))
+        seen = {status_of(lambda: list(stub.Generate(random_generate_request(rng), timeout=60))) for _ in range(120)}
         assert eventually(lambda: len(services.draft_sessions) == 0 and len(services.verify_sessions) == 0)
         good = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 5, 9]), stopping=pb.StoppingParams(max_new_tokens=6))
         assert list(stub.Generate(good, timeout=60))[-1].finished.stats.new_tokens == 6

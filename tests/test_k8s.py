@@ -95,6 +95,14 @@ def container_env(docs, container) -> dict[str, str]:
     return env
 
 
+def rendered_service(overlay: str, component: str) -> tuple[dict, dict, dict[str, str]]:
+    """A component's Deployment in the rendered overlay, its main container and that container's environment."""
+    docs = render(overlay)
+    dep = deployment(docs, component)
+    container = main_container(dep)
+    return dep, container, container_env(docs, container)
+
+
 def ports_by_name(container) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
 
@@ -198,9 +206,7 @@ def test_every_referenced_configmap_exists_and_volumes_have_one_source(overlay):
 @overlay_param()
 @pytest.mark.parametrize("component", ["verify", "draft"])
 def test_grpc_probes_target_the_containers_grpc_health_port(overlay, component):
-    docs = render(overlay)
-    container = main_container(deployment(docs, component))
-    env = container_env(docs, container)
+    _, container, env = rendered_service(overlay, component)
     prefix = ENV_PREFIX[component]
     ports = ports_by_name(container)
     assert int(env[f"{prefix}_PORT"]) == ports["grpc"], "the server's --port must be the container's grpc port"
@@ -244,10 +250,7 @@ def test_startup_probe_allows_for_model_loading(overlay):
 @overlay_param()
 @pytest.mark.parametrize("component", ["verify", "draft"])
 def test_metrics_port_and_scrape_annotations(overlay, component):
-    docs = render(overlay)
-    dep = deployment(docs, component)
-    container = main_container(dep)
-    env = container_env(docs, container)
+    dep, container, env = rendered_service(overlay, component)
     metrics_port = ports_by_name(container)["metrics"]
     assert int(env[f"{ENV_PREFIX[component]}_METRICS_PORT"]) == metrics_port
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
@@ -366,11 +369,10 @@ def test_cpu_overlays_request_no_gpu_and_run_the_verifier_on_cpu(overlay):
 @overlay_param()
 @pytest.mark.parametrize("component", ["verify", "draft"])
 def test_torch_threads_equal_the_cpu_limit(overlay, component):
-    docs = render(overlay)
-    container = main_container(deployment(docs, component))
+    _, container, env = rendered_service(overlay, component)
     limit = cpu_cores(container["resources"]["limits"]["cpu"])
     assert limit == int(limit) and limit >= 1, "whole CPUs, so the thread count can match"
-    assert int(container_env(docs, container)[f"{ENV_PREFIX[component]}_THREADS"]) == int(limit)
+    assert int(env[f"{ENV_PREFIX[component]}_THREADS"]) == int(limit)
     assert container["resources"]["requests"]["memory"], "memory requested"
     assert container["resources"]["limits"]["memory"], "memory limited"
 
@@ -381,10 +383,8 @@ def test_torch_threads_equal_the_cpu_limit(overlay, component):
 @overlay_param()
 @pytest.mark.parametrize("component", ["verify", "draft"])
 def test_termination_grace_outlasts_the_drain(overlay, component):
-    docs = render(overlay)
-    dep = deployment(docs, component)
-    container = main_container(dep)
-    grace_s = float(container_env(docs, container)[f"{ENV_PREFIX[component]}_GRACE_S"])
+    dep, container, env = rendered_service(overlay, component)
+    grace_s = float(env[f"{ENV_PREFIX[component]}_GRACE_S"])
     pre_stop = container.get("lifecycle", {}).get("preStop", {})
     pre_stop_s = 0.0
     if "exec" in pre_stop:
@@ -507,10 +507,7 @@ def test_every_container_is_locked_down(overlay):
 @overlay_param()
 @pytest.mark.parametrize("component", ["verify", "draft"])
 def test_writable_model_cache_and_tmp(overlay, component):
-    docs = render(overlay)
-    dep = deployment(docs, component)
-    container = main_container(dep)
-    env = container_env(docs, container)
+    dep, container, env = rendered_service(overlay, component)
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     cache = mounts[env["DUO_CACHE_DIR"]]

@@ -73,3 +73,26 @@ def test_a_vanished_peer_is_noticed_on_both_sides(tmp_path):
             server_limit_s = keepalive.SERVER_PING_S + keepalive.PING_TIMEOUT_S + 5
             assert eventually(lambda: len(sessions) == 0, timeout_s=server_limit_s)  # freed by the server's ping
             release.set()
+
+
+class Ended(grpc.RpcError):
+    """A call's end as a client sees it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_a_dropped_connection_is_told_from_a_peers_answer():
+    assert keepalive.connection_lost(Ended(grpc.StatusCode.UNAVAILABLE, "Socket closed"))
+    # what gRPC's core reports when the connection drops mid-stream (a killed server), though it means the same
+    assert keepalive.connection_lost(Ended(grpc.StatusCode.UNKNOWN, "Stream removed"))
+    assert not keepalive.connection_lost(Ended(grpc.StatusCode.UNKNOWN, "Exception iterating responses"))
+    assert not keepalive.connection_lost(Ended(grpc.StatusCode.INVALID_ARGUMENT, "bad prompt"))
+    assert not keepalive.connection_lost(Ended(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many sessions"))
+

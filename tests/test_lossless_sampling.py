@@ -3,29 +3,32 @@
 * Exact: every outcome of drafting (i.i.d. or without replacement) and of accept_sampled's random choices
   is enumerated with its probability (``enumerate_outcomes`` runs the real rule once per branch of its
   choices); the committed sequences have exactly the target's distribution.
-* Monte Carlo through the whole stack (orchestrator → draft service → verify service, tiny models): the
-  total-variation distance to the target's exact distribution of the first three tokens shrinks with the
-  number of samples.
-* Edge cases, seeds.
+* Seeded sampling (the exponential race on noise fixed by seed and position): the race draws from the
+  distribution, the rule commits the race's winners whatever the tree, and through the whole stack a seeded
+  answer is the target's own for that seed, whatever the budget and the tree width.
+* Monte Carlo through the whole stack (orchestrator → draft service → verify service, tiny models), unseeded
+  and seeded: the total-variation distance to the target's exact distribution of the first three tokens
+  shrinks with the number of samples.
+* Edge cases.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import pytest
 import torch
 
 from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
-from duo.common.acceptance import accept_sampled
+from duo.common.acceptance import accept_sampled, accept_seeded
 from duo.common.params import DecodingParams, StoppingParams
-from duo.common.sampling import derived_seed, logits_to_probs, without_tokens
+from duo.common.sampling import derived_seed, logits_to_probs, race, race_noise, race_noise_rows, without_tokens
 from duo.common.tree import ROOT, TokenTree
 from tests.inprocess import running_pair
-from tests.tiny_models import build_model, perturbed_copy, reference_greedy, word_tokenizer
+from tests.tiny_models import build_model, perturbed_copy, reference_greedy, reference_seeded, word_tokenizer
 
 # ─────────────────────────── exact enumeration of a randomised procedure ───────────────────────────
 
@@ -219,6 +222,48 @@ def test_drafter_seed_is_derived_not_shared():
     assert derived_seed(5, "draft") == derived_seed(5, "draft") and derived_seed(None, "draft") is None
 
 
+# ─────────────────────────── seeded sampling: the exponential race ───────────────────────────
+
+def test_the_race_draws_from_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    draws = 20_000
+    counts = torch.bincount(torch.stack([race(probs, race_noise(seed, 7, 5)) for seed in range(draws)]), minlength=5)
+    assert counts[4] == 0  # a token without probability never wins
+    assert (counts / draws - probs).abs().sum() / 2 < 0.01
+
+
+def test_race_noise_depends_on_the_seed_and_the_position_only():
+    assert torch.equal(race_noise(3, 10, 50), race_noise(3, 10, 50))
+    assert torch.equal(race_noise(3, 10, 50), race_noise(3, 10, 80)[:50])  # a padded vocabulary: same noise
+    assert not torch.equal(race_noise(3, 10, 50), race_noise(3, 11, 50))
+    assert not torch.equal(race_noise(3, 10, 50), race_noise(4, 10, 50))
+    assert torch.equal(race_noise_rows(3, 10, 2, 50), torch.stack([race_noise(3, 10, 50), race_noise(3, 11, 50)]))
+
+
+def test_the_seeded_rule_commits_the_races_winners_whatever_the_tree():
+    generator = torch.Generator().manual_seed(0)
+    noise = race_noise_rows(9, 100, 4, VOCAB)
+    for _ in range(200):  # random trees of up to 3 levels, target distributions per node
+        parents = [ROOT]
+        for node in range(1, int(torch.randint(1, 7, (), generator=generator))):
+            parents.append(int(torch.randint(-1, node, (), generator=generator)))
+        tokens = torch.randint(0, VOCAB, (len(parents),), generator=generator).tolist()
+        tree = TokenTree(tuple(tokens), tuple(parents))
+        if max(tree.depths()) > 3 or len({(p, t) for p, t in zip(parents, tokens)}) < len(parents):
+            continue  # deeper than the noise rows, or repeated siblings
+        probs = torch.softmax(torch.randn(len(tree) + 1, VOCAB, generator=generator), dim=-1)
+        result = accept_seeded(tree, probs, noise)
+        depths = [0, *tree.depths()]
+        node = ROOT
+        for accepted in result.accepted_nodes:  # each accepted node is the race's winner below its parent
+            assert tree.parents[accepted] == node
+            assert tree.token_ids[accepted] == int(race(probs[node + 1], noise[depths[node + 1]]))
+            node = accepted
+        winner = int(race(probs[node + 1], noise[depths[node + 1]]))
+        assert result.next_token == winner  # the next token is the race's winner after the path...
+        assert winner not in [tree.token_ids[child] for child in tree.children(node)]  # ...which the tree lacks
+
+
 # ─────────────────────────── through the whole stack ───────────────────────────
 
 SAMPLING = DecodingParams(temperature=1.0, top_k=3)
@@ -260,28 +305,29 @@ def exact_target_distribution(target, prompt, params, length) -> dict:
     return out
 
 
-def generate(services, seed, max_branches, params=SAMPLING, length=LENGTH, prompt=PROMPT):
+def generate(services, seed, max_branches, params=SAMPLING, length=LENGTH, prompt=PROMPT, budget=4):
     decoding = DecodingParams(params.temperature, params.top_k, params.top_p, seed)
     request = GenerationRequest(prompt_ids=prompt, decoding=decoding,
                                 stopping=StoppingParams(max_new_tokens=length, ignore_eos=True))
     with grpc.insecure_channel(services.draft_addr) as channel:
-        return Orchestrator(channel, timeout_s=60).generate(request, FixedBudget(4, max_branches))
+        return Orchestrator(channel, timeout_s=60).generate(request, FixedBudget(budget, max_branches))
 
 
 def total_variation(counts: dict, total: int, exact: dict) -> float:
     return 0.5 * sum(abs(counts.get(key, 0) / total - exact.get(key, 0.0)) for key in set(counts) | set(exact))
 
 
+@pytest.mark.parametrize("seeded", [False, True], ids=["unseeded", "seeded"])
 @pytest.mark.parametrize(("max_branches", "prompt"), [(1, PROMPT), (3, PROMPT), (3, REPEATING_PROMPT)],
                          ids=["chains", "trees", "trees-copying-context"])
-def test_whole_stack_samples_the_targets_distribution(sampling_services, max_branches, prompt):
+def test_whole_stack_samples_the_targets_distribution(sampling_services, max_branches, prompt, seeded):
     services, target = sampling_services
     exact = exact_target_distribution(target, prompt, SAMPLING, LENGTH)
     counts: dict = {}
     distances = {}
     rounds = accepted = drafted = 0
-    for sample in range(1, 801):
-        result = generate(services, seed=sample, max_branches=max_branches, prompt=prompt)
+    for sample in range(1, 801):  # unseeded: speculative sampling's own draws; seeded: one seed per sample
+        result = generate(services, seed=sample if seeded else None, max_branches=max_branches, prompt=prompt)
         key = tuple(result.token_ids)
         counts[key] = counts.get(key, 0) + 1
         rounds += result.server_stats.rounds
@@ -294,14 +340,15 @@ def test_whole_stack_samples_the_targets_distribution(sampling_services, max_bra
     assert distances[800] < 0.08, distances
 
 
-def test_same_seed_same_tokens_different_seed_different_tokens(sampling_services):
-    services, _ = sampling_services
-    first = generate(services, seed=7, max_branches=2, length=24).token_ids
-    # Repeated: drafting ahead must not consume randomness depending on when the verdict arrives.
-    for _ in range(4):
-        assert generate(services, seed=7, max_branches=2, length=24).token_ids == first
-    others = [generate(services, seed=seed, max_branches=2, length=24).token_ids for seed in (8, 9, 10)]
-    assert any(other != first for other in others)
+@pytest.mark.parametrize(("budget", "max_branches"), [(0, 1), (1, 1), (4, 1), (4, 3), (7, 2)])
+def test_a_seeded_answer_is_the_targets_own_whatever_is_drafted(sampling_services, budget, max_branches):
+    services, target = sampling_services
+    answers = set()
+    for seed in (7, 8, 9):
+        result = generate(services, seed=seed, max_branches=max_branches, length=24, budget=budget)
+        assert result.token_ids == reference_seeded(target, list(PROMPT), 24, replace(SAMPLING, seed=seed))
+        answers.add(tuple(result.token_ids))
+    assert len(answers) > 1  # and the seed matters
 
 
 def test_top_k_1_sampling_with_trees_is_the_targets_greedy_output(sampling_services):

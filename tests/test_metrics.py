@@ -31,7 +31,7 @@ def scrape(metrics: ServiceMetrics) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     pair = save_pair(tmp_path_factory.mktemp("metrics"), "llama")
-    verify_metrics, draft_metrics = ServiceMetrics("verify"), ServiceMetrics("draft")
+    verify_metrics, draft_metrics = ServiceMetrics(), ServiceMetrics()
     with verify_server(pair.target_dir, metrics=verify_metrics) as (verify_addr, _), \
             draft_server(pair.draft_dir, verify_addr, metrics=draft_metrics) as (draft_addr, _):
         with grpc.insecure_channel(draft_addr) as channel:

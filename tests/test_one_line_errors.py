@@ -17,7 +17,8 @@ from tests.tiny_models import save_pair
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
+    """What stderr says besides the progress lines while services start (``duo: ...``)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("duo: ")]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +117,46 @@ def test_a_chart_without_its_extra_is_refused_before_the_bench_runs(monkeypatch,
     assert error_lines(result.stderr) == [
         "Error: --chart needs matplotlib, which duo's bench extra installs: pip install -e '.[bench]' in duo's "
         "folder (or pip install matplotlib)"]
+
+
+# ───────────────── duo-client bench: the same, before and while it starts ─────────────────
+
+
+def test_bench_with_a_model_folder_that_does_not_exist_is_one_line():
+    result = CliRunner().invoke(main, ["bench", "--target-model", "/nope", "--limit", "1"])
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == ["Error: model folder /nope does not exist: give the path of a folder "
+                                          "holding a Hugging Face model, a hub id or a builtin: name"]
+
+
+def test_bench_with_a_hub_id_offline_is_one_line(tiny_pair):
+    result = CliRunner(env={"HF_HUB_OFFLINE": "1"}).invoke(main, [
+        "bench", "--target-model", "someone/some-model", "--draft-model", str(tiny_pair.draft_dir), "--limit", "1"])
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [
+        "Error: the HF baselines: someone/some-model is not a local folder, and the Hugging Face hub cannot be "
+        "reached to download it: give the path of a local model folder (or connect to the internet)"]
+
+
+def test_bench_whose_services_cannot_start_says_why_in_one_line(tmp_path):
+    from tests.tiny_models import word_tokenizer
+
+    pair = save_pair(tmp_path / "pair", "llama")
+    other = save_pair(tmp_path / "other", "llama", draft_tokenizer=word_tokenizer(extra_word="other"))
+    result = CliRunner().invoke(main, [
+        "bench", "--target-model", str(pair.target_dir), "--draft-model", str(other.draft_dir), "--systems",
+        "duo-fixed", "--limit", "1", "--max-new-tokens", "4", "--verify-threads", "1", "--no-chat"])
+    assert result.exit_code == 1
+    assert error_lines(result.stderr) == [
+        f"Error: the draft service could not start: draft model {str(other.draft_dir)!r} cannot speculate for target "
+        f"{str(pair.target_dir)!r}: their tokenizers differ (different vocabulary or special tokens). Pick a draft "
+        "model that shares the target's tokenizer."]
+
+
+def test_bench_with_a_broken_prompt_file_is_one_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\nnot json\n')
+    result = CliRunner().invoke(main, ["bench", "--prompts", str(prompts)])
+    assert result.exit_code == 1
+    assert len(error_lines(result.stderr)) == 1
+    assert error_lines(result.stderr)[0].startswith(f"Error: --prompts: {prompts}:2: not a JSON object")

@@ -1,9 +1,14 @@
 """Resuming a generation after losing its draft service: the request continued from the tokens delivered
 goes on exactly as the lost call would have (tokens, text, stop strings, max_new_tokens), and duo-client's
-orchestrator does it on its own when its draft service dies mid-generation and comes back."""
+orchestrator does it on its own when its draft service dies mid-generation and comes back — in embedded
+mode, brought back by the client itself."""
+
+import os
+import signal
 
 import grpc
 
+from duo.client.embedded import EmbeddedConfig, embedded_services
 from duo.client.orchestrator import FixedBudget, GenerationRequest, Orchestrator
 from duo.common import codec
 from duo.common.events import FinishedEvent
@@ -76,3 +81,28 @@ def test_the_orchestrator_carries_on_when_its_draft_service_dies_and_comes_back(
     assert result.drafter_resumes >= 1
     assert result.token_ids == expected
     assert "".join(received_text) == result.text  # every piece once, none skipped
+
+
+def test_embedded_mode_restarts_a_dead_child_and_the_generation_carries_on(tmp_path):
+    pair = save_pair(tmp_path, "llama", context=2048)
+    expected = reference_greedy(pair.target, PROMPT, 500, eos_token_id=None)
+    config = EmbeddedConfig(str(pair.target_dir), str(pair.draft_dir), verify_threads=1, draft_threads=1,
+                            verify_device="cpu")
+    received_text = []
+    with embedded_services(config) as addresses, grpc.insecure_channel(addresses.draft) as channel:
+        verify_pid, draft_pid = addresses.pids
+
+        def on_text(text: str) -> None:  # the draft service dies, then (served by its successor) the verifier
+            received_text.append(text)
+            if len(received_text) == 5:
+                os.kill(draft_pid, signal.SIGKILL)
+            if len(received_text) == 60:
+                os.kill(verify_pid, signal.SIGKILL)
+
+        orchestrator = Orchestrator(channel, timeout_s=300, resume=ResumePolicy(attempts=10, within_s=120))
+        result = orchestrator.generate(GenerationRequest(prompt_ids=tuple(PROMPT), stopping=StoppingParams(
+            max_new_tokens=500, ignore_eos=True)), FixedBudget(2), on_text)
+    assert len(received_text) > 60  # both faults happened mid-generation
+    assert result.drafter_resumes >= 1 and result.server_stats.verifier_resumes >= 1
+    assert result.token_ids == expected
+    assert "".join(received_text) == result.text

@@ -11,10 +11,10 @@ from duo.common import codec
 from duo.common.budget import AdaptiveBudget, ControllerConfig
 from duo.common.errors import InvalidArgument
 from duo.common.events import BudgetSource, FinishedEvent, RoundTimings
-from duo.common.params import StoppingParams
+from duo.common.params import DecodingParams, StoppingParams
 from duo.protos import duo_pb2 as pb
 from duo.protos import duo_pb2_grpc
-from tests.tiny_models import reference_greedy
+from tests.tiny_models import reference_greedy, reference_seeded
 
 PROMPT = [1, 5, 9, 20]
 
@@ -45,17 +45,18 @@ def test_a_request_without_a_budget_is_steered_by_the_service_and_stays_lossless
         assert stats.rounds > 0 and stats.drafted_tokens > 0  # it speculated on rounds it chose
 
 
-def test_a_seeded_sampled_request_without_a_budget_keeps_a_fixed_one(tiny_services):
-    # A budget that follows timings would change which random numbers each token draws: the seed must reproduce.
+def test_a_seeded_sampled_request_without_a_budget_is_steered_and_still_the_targets_own_draws(tiny_pair,
+                                                                                             tiny_services):
+    # The seed fixes each position's draw, so a budget that follows timings cannot change the answer.
+    decoding = DecodingParams(temperature=0.8, seed=7)
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), stopping=pb.StoppingParams(max_new_tokens=24),
-                                 decoding=pb.DecodingParams(temperature=0.8, seed=7))
-    outputs = set()
+                                 decoding=codec.decoding_to_pb(decoding))
+    expected = reference_seeded(tiny_pair.target, PROMPT, 24, decoding)
+    expected = expected[:expected.index(2) + 1] if 2 in expected else expected  # the tiny pair's EOS ends it
     for _ in range(3):
-        tokens, finished, started_budget = generate_without_budget(tiny_services.draft_addr, request)
-        assert finished.stats.draft_budget_source is BudgetSource.REQUEST
-        assert started_budget == finished.stats.final_draft_budget == ControllerConfig().initial_budget
-        outputs.add(tuple(tokens))
-    assert len(outputs) == 1
+        tokens, finished, _ = generate_without_budget(tiny_services.draft_addr, request)
+        assert finished.stats.draft_budget_source is BudgetSource.SERVICE
+        assert tokens == expected
 
 
 class ChangesOnce:

@@ -2,66 +2,49 @@
 the service exits 0. The services run as real processes (`python -m … serve`)."""
 
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 
+from duo.client.child_service import ChildService, serving_at, wait_all_serving
 from duo.protos import duo_pb2 as pb
 from duo.protos import duo_pb2_grpc
 from tests.tiny_models import save_pair
 
 LONG = 2000  # tokens: long enough to still be running when SIGTERM arrives
+START_TIMEOUT_S = 120
 
 
+# start and wait_serving: the package's ChildService in the shape tests/test_http_api.py imports them.
 def start(module, args, workdir, name):
-    port_file = workdir / f"{name}.port"
-    log = open(workdir / f"{name}.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", "0",
-                                "--port-file", str(port_file), "--grace-s", "60", *args],
-                               stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        assert process.poll() is None, (workdir / f"{name}.log").read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return process, f"127.0.0.1:{port_file.read_text()}"
+    """``python -m MODULE serve ARGS`` on a loopback port of its choosing, draining for up to a minute on SIGTERM:
+    its process and address."""
+    child = ChildService.start(name, [module, "serve", *args], workdir, grace_s=60)
+    return child.process, f"{ChildService.HOST}:{child.wait_port(time.monotonic() + START_TIMEOUT_S)}"
 
 
 def wait_serving(address):
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"{address} never became SERVING")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not serving_at(address):
+        assert time.monotonic() < deadline, f"{address} never became SERVING"
+        time.sleep(0.1)
 
 
 @pytest.fixture
 def services(tmp_path):
     pair = save_pair(tmp_path, "llama", context=LONG + 64)
-    verify, verify_addr = start("duo.verify_service.cli", ["--model", str(pair.target_dir), "--device", "cpu",
-                                                       "--threads", "1"], tmp_path, "verify")
-    draft, draft_addr = start("duo.draft_service.cli", ["--model", str(pair.draft_dir), "--verify-addr", verify_addr,
-                                                    "--threads", "1"], tmp_path, "draft")
+    verify = ChildService.start("verify", ["duo.verify_service.cli", "serve", "--model", str(pair.target_dir),
+                                           "--device", "cpu", "--threads", "1"], tmp_path, grace_s=60)
+    draft = ChildService.start("draft", ["duo.draft_service.cli", "serve", "--model", str(pair.draft_dir),
+                                         "--verify-port-file", str(verify.port_file), "--threads", "1"],
+                               tmp_path, grace_s=60)
     try:
-        wait_serving(verify_addr)
-        wait_serving(draft_addr)
-        yield {"verify": verify, "draft": draft}, draft_addr, tmp_path
+        wait_all_serving((verify, draft), time.monotonic() + START_TIMEOUT_S)
+        yield {"verify": verify.process, "draft": draft.process}, draft.address(), tmp_path
     finally:
-        for process in (draft, verify):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        for child in (draft, verify):
+            child.kill()
 
 
 @pytest.mark.parametrize("stopped", ["draft", "verify"])

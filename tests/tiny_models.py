@@ -102,3 +102,16 @@ def reference_greedy(target: torch.nn.Module, prompt: list[int], max_new_tokens:
             eos_token_id=eos_token_id, pad_token_id=0,
         )
     return output[0, len(prompt):].tolist()
+
+
+def reference_seeded(target: torch.nn.Module, prompt: list[int], max_new_tokens: int, params) -> list[int]:
+    """The target alone sampling with ``params`` (a seed): each token the exponential race of the target's
+    distribution on the noise of its position. What duo must reproduce token for token, whatever it drafts."""
+    from duo.common.sampling import logits_to_probs, race, race_noise
+
+    sequence = list(prompt)
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            probs = logits_to_probs(target(input_ids=torch.tensor([sequence])).logits[0, -1], params)
+            sequence.append(int(race(probs, race_noise(params.seed, len(sequence), probs.shape[-1]))))
+    return sequence[len(prompt):]

@@ -6,11 +6,12 @@ import logging
 
 import click
 
-from duo.common.cpu_runtime import KERNEL_CHOICES, KERNELS_HELP
+from duo.common.cli_options import KERNEL_CHOICES, KERNELS_HELP
 from duo.common.default_models import DEFAULT_TARGET
 from duo.common.metrics import ServiceMetrics
 from duo.common.models import load_causal_lm
-from duo.common.serve_cli import ServeSettings, common_serve_options, log_batching, setup_process, start_server
+from duo.common.serve_cli import (ServeSettings, common_serve_options, exit_drained, log_batching, setup_process,
+                                  start_server)
 from duo.common.sessions import SessionRegistry
 from duo.protos import duo_pb2_grpc
 from duo.verify_service.engine import TargetVerifier
@@ -46,7 +47,7 @@ def main() -> None:
 def serve(model, device, dtype, max_tree_nodes, cpu_kernels, kv_cache_tokens, settings: ServeSettings):
     """Serve the Verifier RPCs."""
     setup_process(settings)
-    metrics = ServiceMetrics("verify")
+    metrics = ServiceMetrics()
     sessions = SessionRegistry(settings.server.max_sessions, settings.server.idle_timeout_s)
     servicer = VerifierServicer(sessions, metrics)
     server = start_server(settings, "duo.v1.Verifier", duo_pb2_grpc.add_VerifierServicer_to_server, servicer, metrics,
@@ -62,6 +63,7 @@ def serve(model, device, dtype, max_tree_nodes, cpu_kernels, kv_cache_tokens, se
     log.info("serving")
     server.serve_until_signal(settings.grace_s)
     scheduler.close()
+    exit_drained()
 
 
 if __name__ == "__main__":

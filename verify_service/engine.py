@@ -23,15 +23,16 @@ import torch
 from transformers import DynamicCache
 
 from duo.common import batched_forward
-from duo.common.acceptance import Acceptance, accept_greedy, accept_sampled
+from duo.common.acceptance import Acceptance, accept_greedy, accept_sampled, accept_seeded
 from duo.common.batched_forward import NewTokens
 from duo.common.decoder_ops import SHORT_QUERY_TOKENS
 from duo.common.errors import InvalidArgument, ResourceExhausted
 from duo.common.kv_cache import new_cache
+from duo.common.limits import check_prompt_fits, checked_token_ids
 from duo.common.models import LoadedModel, select_cache_positions, truncate_cache
 from duo.common.params import DecodingParams
 from duo.common.pass_scheduler import Job, Scored
-from duo.common.sampling import logits_to_probs, make_generator, sample
+from duo.common.sampling import logits_to_probs, make_generator, race, race_noise, race_noise_rows, sample
 from duo.common.tree import TokenTree
 from duo.common.tree_attention import supports_tree_attention, tree_layout
 
@@ -95,12 +96,8 @@ class TargetVerifier:
         """A session for this prompt (checked), not prefilled yet."""
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: give at least one token")
-        self._check_ids(prompt_ids, "prompt")
-        if len(prompt_ids) + 1 > self.info.max_context_tokens:
-            raise InvalidArgument(
-                f"the prompt has {len(prompt_ids)} tokens; the target's context holds {self.info.max_context_tokens} "
-                "including at least one new token"
-            )
+        prompt_ids = checked_token_ids(prompt_ids, self.info.vocab_size, "prompt")
+        check_prompt_fits(len(prompt_ids), self.info.max_context_tokens)
         session = TargetSession(tuple(prompt_ids), params, make_generator(params.seed), new_cache(self.model.config))
         with self._admission_lock:  # one admission at a time, so two cannot both take the last positions
             held = self.cached_tokens()
@@ -123,7 +120,12 @@ class TargetVerifier:
             compute_s += scored.pass_s
             queue_s += scored.wait_s
         probs = logits_to_probs(scored.logits[-1:], session.params)[0]
-        first = int(probs.argmax()) if session.params.is_greedy else sample(probs, session.generator)
+        if session.params.is_greedy:
+            first = int(probs.argmax())
+        elif session.params.is_seeded_sampling:
+            first = int(race(probs, race_noise(session.params.seed, len(prompt), probs.shape[-1])))
+        else:
+            first = sample(probs, session.generator)
         session.cached_tokens, session.pending_token = len(prompt), first
         return Prefill(session, first, compute_s, queue_s)
 
@@ -138,6 +140,12 @@ class TargetVerifier:
             scored = yield NewTokens(tokens, session.cache, positions, visible, kept_logits=len(tokens))
         if session.params.is_greedy:
             acceptance = accept_greedy(tree, scored.logits)
+        elif session.params.is_seeded_sampling:
+            probs = logits_to_probs(scored.logits, session.params)
+            # row 0 (the pending token's logits) draws the token at position cached_tokens + 1
+            rows = 1 + max(tree.depths(), default=0)
+            noise = race_noise_rows(session.params.seed, session.cached_tokens + 1, rows, probs.shape[-1])
+            acceptance = accept_seeded(tree, probs, noise)
         else:
             acceptance = accept_sampled(tree, logits_to_probs(scored.logits, session.params), session.generator)
         self._keep_accepted(session, tree, acceptance)
@@ -152,8 +160,8 @@ class TargetVerifier:
                 "this verifier's model cannot take a tree attention mask (ModelInfo.tree_attention is false): "
                 "propose chains"
             )
-        if not session.params.is_greedy and len(tree) and tree.draft_probs is None:
-            raise InvalidArgument("sampled decoding needs a draft distribution for every proposed node")
+        if session.params.needs_draft_probs and len(tree) and tree.draft_probs is None:
+            raise InvalidArgument("unseeded sampling needs a draft distribution for every proposed node")
         if session.cached_tokens + 1 + len(tree) > self.info.max_context_tokens:
             raise InvalidArgument(
                 f"the proposal would run past the target's context of {self.info.max_context_tokens} tokens"
@@ -193,9 +201,3 @@ class TargetVerifier:
             select_cache_positions(session.cache, session.cached_tokens + 1, positions)
         session.cached_tokens = keep
         session.pending_token = acceptance.next_token
-
-    def _check_ids(self, ids: tuple[int, ...], what: str) -> None:
-        bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
-        if bad:
-            raise InvalidArgument(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.info.vocab_size})")
-

@@ -4,9 +4,13 @@ on the TargetVerifier."""
 from __future__ import annotations
 
 import logging
+from typing import Iterator
+
+import grpc
 
 from duo.common import codec
 from duo.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from duo.common.limits import checked_token_ids
 from duo.common.metrics import ServiceMetrics
 from duo.common.rpc import translate_errors
 from duo.common.sessions import Lease, SessionRegistry
@@ -21,7 +25,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
     def __init__(self, sessions: SessionRegistry, metrics: ServiceMetrics | None = None):
         self._loaded: VerifyScheduler | None = None
         self._sessions = sessions
-        self._metrics = metrics or ServiceMetrics("verify")
+        self._metrics = metrics or ServiceMetrics()
 
     def attach(self, scheduler: VerifyScheduler) -> None:
         """Start serving with a loaded model (the server is up, answering UNAVAILABLE, while it loads)."""
@@ -34,16 +38,18 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
         return self._loaded
 
     @translate_errors
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         return codec.model_info_to_pb(self._scheduler.verifier.info)
 
     @translate_errors
-    def Verify(self, request_iterator, context):
+    def Verify(self, request_iterator: Iterator[pb.VerifyRequest],
+               context: grpc.ServicerContext) -> Iterator[pb.VerifyResponse]:
         scheduler = self._scheduler
         with self._sessions.hold(context.cancel) as lease:  # before the opening: a silent stream counts too
             yield from lease.delivered(self._verify(scheduler, lease, lease.messages(request_iterator), context))
 
-    def _verify(self, scheduler: VerifyScheduler, lease: Lease, messages, context):
+    def _verify(self, scheduler: VerifyScheduler, lease: Lease, messages: Iterator[pb.VerifyRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.VerifyResponse]:
         opening = next(messages, None)
         if opening is None or opening.WhichOneof("message") != "open":
             raise FailedPrecondition("a Verify stream must start with VerifyOpen")
@@ -57,7 +63,7 @@ class VerifierServicer(duo_pb2_grpc.VerifierServicer):
                 f"this verifier runs {info.model_name!r}, whose tokenizer differs from the drafter's; "
                 "the drafter must speculate with a model that shares the target's tokenizer"
             )
-        prompt = codec.token_ids_from_pb(opening.open.prompt_token_ids, vocab_size, "prompt")
+        prompt = checked_token_ids(opening.open.prompt_token_ids, vocab_size, "prompt")
         params = codec.decoding_from_pb(opening.open.decoding)
         metrics = self._metrics
         with metrics.sessions_active.track_inprogress():

@@ -4,9 +4,13 @@ one teacher-forced pass per answer instead of drafting and verifying round by ro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import takewhile
 
 import torch
 from transformers import LlamaForCausalLM
+
+from duo.common.greedy_rounds import replay_greedy_rounds
+
 
 def committed_per_round(matches: list[bool], budget: int) -> tuple[int, int]:
     """(tokens, rounds) of greedy chain speculation reproducing a sequence, from teacher-forced matches.
@@ -16,15 +20,10 @@ def committed_per_round(matches: list[bool], budget: int) -> tuple[int, int]:
     ``p`` accepts the run of matches from ``p`` (at most ``budget``, and short enough that the target's own
     token still fits) and commits one more token: the target's.
     """
-    position, rounds, total = 0, 0, len(matches)
-    while position < total:
-        limit = min(budget, total - position - 1)
-        accepted = 0
-        while accepted < limit and matches[position + accepted]:
-            accepted += 1
-        position += accepted + 1
-        rounds += 1
-    return total, rounds
+    def play_round(done: int, room: int) -> int:
+        return len(list(takewhile(bool, matches[done:done + room])))
+
+    return replay_greedy_rounds(len(matches), budget, play_round)
 
 
 @torch.no_grad()
