@@ -19,8 +19,8 @@ from duo.common import codec
 from duo.common.compat import check_compatible
 from duo.common.events import CommittedEvent, FinishedEvent, RoundTimings, SessionStats
 from duo.common.generation_spec import ChatMessage
+from duo.common.keepalive import connection_lost, wait_connected
 from duo.common.models import ModelInfo
-from duo.common.keepalive import connection_lost
 from duo.common.params import DecodingParams, StoppingParams
 from duo.common.resume import ResumePolicy
 from duo.common.stopping import FinishReason
@@ -124,6 +124,7 @@ class GenerationResult:
 class Orchestrator:
     def __init__(self, channel: grpc.Channel, timeout_s: float | None = None, metadata: tuple = (),
                  resume: ResumePolicy = ResumePolicy()):
+        self._channel = channel
         self._stub = duo_pb2_grpc.DrafterStub(channel)
         self._timeout_s = timeout_s
         self._metadata = metadata
@@ -141,9 +142,9 @@ class Orchestrator:
     ) -> GenerationResult:
         """Run one generation to its end, calling ``on_text`` with each newly final piece of text.
 
-        A draft service lost mid-generation (``keepalive.connection_lost``) is asked again, on the same address (DNS may give
-        another replica), to continue from the tokens received so far, while ``resume`` lasts: no token is
-        delivered twice or skipped, and stop strings and max_new_tokens count across the resume. The
+        A draft service lost mid-generation (``keepalive.connection_lost``) is asked again, on the same address
+        (DNS may give another replica), to continue from the tokens received so far, while ``resume`` lasts: no
+        token is delivered twice or skipped, and stop strings and max_new_tokens count across the resume. The
         deadline (``timeout_s``) covers all attempts."""
         progress = _Progress(budget=policy.initial(), started=time.perf_counter())
         attempt, lost_at = 0, None
@@ -165,6 +166,8 @@ class Orchestrator:
                 log.warning("lost the draft service (%s); continuing after %d tokens in %.1f s (attempt %d of %d)",
                             exc.details(), len(progress.token_ids), pause_s, attempt, self.resume.attempts)
                 time.sleep(pause_s)
+                # a draft service restarting is waited for: attempts go to a service that listens
+                wait_connected(self._channel, self.resume.within_s - (time.perf_counter() - lost_at))
                 if attempt == 1:
                     progress.drafter_resumes += 1  # a loss, counted once however many attempts it takes
 

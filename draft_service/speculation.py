@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class VerifierLink(Protocol):
+    def wait_connected(self, timeout_s: float) -> bool: ...
     def open(self, session_id: str, prompt: tuple[int, ...], params: DecodingParams) -> None: ...
     def wait_prefill(self) -> PrefillReply: ...
     def send(self, round_number: int, tree: TokenTree) -> None: ...
@@ -186,6 +187,8 @@ class SpeculativeSession:
             self._link.close()
             time.sleep(pause_s)
             self._link = self._reconnect()
+            # a verifier restarting is waited for: attempts go to a verifier that listens
+            self._link.wait_connected(policy.within_s - (time.perf_counter() - lost_at))
             try:
                 self._link.open(self._plan.session_id, tokens, self._plan.params)
                 prefill = self._link.wait_prefill()

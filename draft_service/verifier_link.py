@@ -15,7 +15,7 @@ import grpc
 
 from duo.common import codec
 from duo.common.errors import FailedPrecondition, Unavailable
-from duo.common.keepalive import connection_lost
+from duo.common.keepalive import connection_lost, wait_connected
 from duo.common.params import DecodingParams
 from duo.common.tree import TokenTree
 from duo.protos import duo_pb2 as pb
@@ -52,6 +52,7 @@ class PrefillReply:
 class GrpcVerifierLink:
     def __init__(self, channel: grpc.Channel, timeout_s: float, metadata: tuple = (), draft_fingerprint: str = ""):
         """``draft_fingerprint``: the drafter's tokenizer fingerprint, which the verifier checks at the opening."""
+        self._channel = channel
         self._stub = duo_pb2_grpc.VerifierStub(channel)
         self._timeout_s = timeout_s
         self._metadata = metadata
@@ -62,6 +63,10 @@ class GrpcVerifierLink:
         self._sent_at: dict[int, float] = {}
         self._call = None
         self._reader: threading.Thread | None = None
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Until the verifier listens (one that restarts closes its port for a while), at most ``timeout_s``."""
+        return wait_connected(self._channel, timeout_s)
 
     def open(self, session_id: str, prompt: tuple[int, ...], params: DecodingParams) -> None:
         """Start the session; the verifier prefills and its first token arrives via ``wait_prefill``."""

@@ -1,7 +1,8 @@
 """HTTP/2 keepalive and reconnection for every duo connection: a peer that vanished without closing its
 connection (power lost, network cut, a frozen VM) is noticed in seconds instead of at the next deadline, and
 its sessions end; a peer that comes back is found again within seconds. ``connection_lost`` tells a call
-that ended with its connection from one its peer answered.
+that ended with its connection from one its peer answered, and ``wait_connected`` waits for a peer to listen
+again.
 
 Clients ping every CLIENT_PING_S, also on idle connections (the draft service's channel to its verifier
 follows the verifier's health with it), and drop the connection when an ack takes longer than
@@ -49,3 +50,12 @@ def connection_lost(error: grpc.RpcError) -> bool:
     code = error.code()
     return code == grpc.StatusCode.UNAVAILABLE or (
         code == grpc.StatusCode.UNKNOWN and "stream removed" in (error.details() or "").lower())
+
+
+def wait_connected(channel: grpc.Channel, timeout_s: float) -> bool:
+    """Until ``channel`` is connected (a restarting peer listens again), at most ``timeout_s``: whether it is."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(0.0, timeout_s))
+    except grpc.FutureTimeoutError:
+        return False
+    return True

@@ -64,7 +64,7 @@ def test_verifier_dying_mid_generation_is_reported_and_the_drafter_recovers(tmp_
     verify_cm = verify_server(pair.target_dir)
     verify_addr, _ = verify_cm.__enter__()
     port = verify_addr.rsplit(":", 1)[1]
-    brief = DrafterConfig(resume=ResumePolicy(attempts=2, first_pause_s=0.1))  # none comes back in time
+    brief = DrafterConfig(resume=ResumePolicy(attempts=2, within_s=3, first_pause_s=0.1))  # none back in time
     with draft_server(pair.draft_dir, verify_addr, brief) as (draft_addr, draft_sessions):
         with grpc.insecure_channel(draft_addr) as channel:
             stub = duo_pb2_grpc.DrafterStub(channel)
