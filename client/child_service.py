@@ -201,14 +201,19 @@ def _says_serving(stub: health_pb2_grpc.HealthStub) -> bool:
 
 
 _LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: ")  # serve_cli.LOG_FORMAT's
+_LOGGED_ERROR = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (ERROR|CRITICAL) [\w.]+: ")
 
 
 def failure_line(log_file: Path) -> str:
-    """What a process said last about its failure: its one-line ``Error:`` (duo's start-up errors), else the
-    last line it wrote (a logged error's message, or an unexpected exception's, after its traceback)."""
+    """What a process said last about its failure: its one-line ``Error:`` (duo's start-up errors), else its
+    last logged error (a thread's traceback may follow it while the process exits), else the last line it
+    wrote (an unexpected exception's, after its traceback)."""
     lines = _lines(log_file)
     errors = [line.removeprefix("Error: ") for line in lines if line.startswith("Error: ")]
-    return errors[-1] if errors else _LOG_PREFIX.sub("", lines[-1]) if lines else "(it wrote nothing)"
+    if errors:
+        return errors[-1]
+    logged = [_LOG_PREFIX.sub("", line) for line in lines if _LOGGED_ERROR.match(line)]
+    return logged[-1] if logged else _LOG_PREFIX.sub("", lines[-1]) if lines else "(it wrote nothing)"
 
 
 def last_message(log_file: Path) -> str:

@@ -160,3 +160,17 @@ def test_bench_with_a_broken_prompt_file_is_one_line(tmp_path):
     assert result.exit_code == 1
     assert len(error_lines(result.stderr)) == 1
     assert error_lines(result.stderr)[0].startswith(f"Error: --prompts: {prompts}:2: not a JSON object")
+
+
+def test_a_childs_failure_is_its_logged_error_even_when_a_threads_traceback_follows(tmp_path):
+    from duo.client.child_service import failure_line
+
+    log = tmp_path / "draft.log"
+    log.write_text(
+        "2026-12-01 22:00:00,000 INFO duo.draft: loading m\n"
+        "2026-12-01 22:00:01,000 ERROR duo.draft_service.cli: draft model 'd' cannot speculate for target 't'\n"
+        "Exception in thread reporter:\nTraceback (most recent call last):\n"
+        '  File "/usr/lib/python3.11/threading.py", line 1045, in _bootstrap_inner\n')
+    assert failure_line(log) == "draft model 'd' cannot speculate for target 't'"
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: broken\n")
+    assert failure_line(log) == "ValueError: broken"  # nothing logged: the exception's own last line
